@@ -1,0 +1,369 @@
+"""`MultimodalEncoder`: Qwen2.5-VL → masked mean pooling → projection → L2-normalised embedding.
+
+    enc = MultimodalEncoder(EncoderConfig())            # the tiny offline model
+    e = enc.encode_texts(["a red circle"], dim=256)     # (1, 256), unit norm
+    loss = mrl_loss(enc(**query_batch), enc(**target_batch))
+
+Training goes through `forward` (gradients on); `encode_*` are for inference (no grad,
+batched by length, original order restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmlib.backbone import (
+    load_backbone,
+    resolve_amp_dtype,
+    resolve_device,
+    unwrap,
+)
+from mmlib.config import EncoderConfig
+from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
+from mmlib.hf_utils import quiet_hf
+from mmlib.processing import ImageLike, build_inputs
+
+logger = logging.getLogger("mmlib")
+
+CONFIG_FILE = "mmlib_config.json"
+PROJECTION_FILE = "projection.safetensors"
+BACKBONE_DIR = "backbone"
+ADAPTER_DIR = "adapter"
+_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                 "mm_token_type_ids")
+
+
+class MultimodalEncoder(nn.Module):
+    """Image + text embedding model with Matryoshka-truncatable outputs."""
+
+    def __init__(self, config: EncoderConfig | None = None, *, _backbone_path: str | None = None,
+                 **overrides: Any):
+        super().__init__()
+        config = config or EncoderConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self.backbone, self.processor = load_backbone(self.config, _backbone_path)
+        hidden = self.qwen.config.text_config.hidden_size
+        self.projection = ProjectionHead(hidden, self.config.embed_dim).to(self.input_device)
+        self._apply_freezing()
+        if self.config.use_lora:
+            self._add_lora()
+        if self.config.gradient_checkpointing:
+            self.qwen.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def qwen(self) -> nn.Module:
+        """The underlying `Qwen2_5_VLModel` (unwrapped from peft)."""
+        return unwrap(self.backbone)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input tensors go (the token embedding's device, also under a device_map)."""
+        return self.qwen.get_input_embeddings().weight.device
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the projection head (where embeddings come out)."""
+        return self.projection.fc1.weight.device
+
+    @property
+    def embed_dim(self) -> int:
+        """Full embedding width E."""
+        return self.config.embed_dim
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype for this config and device (None = fp32)."""
+        return resolve_amp_dtype(self.config, resolve_device(self.config))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op when mixed precision is off)."""
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.input_device.type, dtype=dtype)
+
+    def _apply_freezing(self) -> None:
+        mode = self.config.freeze_backbone
+        for name, p in self.qwen.named_parameters():
+            frozen = mode == "all" or (mode == "vision" and name.startswith("visual."))
+            p.requires_grad_(not frozen)
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules, bias="none")
+        with quiet_hf():
+            self.backbone = get_peft_model(self.backbone, lora)
+        counts = self.parameter_counts()
+        logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", counts["trainable"],
+                    counts["total"], 100 * counts["trainable"] / counts["total"])
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and trainable parameter counts."""
+        params = list(self.parameters())
+        return {"total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+    def parameter_table(self) -> pd.DataFrame:
+        """Parameters per component (vision tower, merger, language model, LoRA, projection)."""
+        rows: dict[str, list[int]] = {}
+        for name, p in self.named_parameters():
+            part = component_of(name)
+            total, trainable = rows.setdefault(part, [0, 0])
+            rows[part] = [total + p.numel(), trainable + (p.numel() if p.requires_grad else 0)]
+        df = pd.DataFrame.from_dict(rows, orient="index", columns=["parameters", "trainable"])
+        df.index.name = "component"
+        df.loc["total"] = df.sum()
+        return df
+
+    # -- forward ---------------------------------------------------------------------------
+    def _position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """M-RoPE positions computed from the attention mask, so that padding (left or right)
+        and the other rows of the batch never shift an input's positions."""
+        mask = batch["attention_mask"]
+        if batch.get("image_grid_thw") is not None:
+            pos, _ = self.qwen.get_rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+            return pos
+        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+        return pos.unsqueeze(0).expand(3, -1, -1)
+
+    def _hidden_states(self, batch: dict[str, Any], layers: Sequence[int] | None = None):
+        missing = [k for k in ("input_ids", "attention_mask") if batch.get(k) is None]
+        if missing:
+            raise ValueError(f"missing model inputs {missing}: pass the processor's whole output")
+        if batch.get("pixel_values") is not None and batch.get("mm_token_type_ids") is None:
+            raise ValueError("mm_token_type_ids is missing: pass the processor's whole output "
+                             "(without it Qwen2.5-VL silently drops M-RoPE)")
+        inputs = {k: v.to(self.input_device) for k, v in batch.items()
+                  if k in _MODEL_INPUTS and v is not None}
+        inputs["position_ids"] = self._position_ids(inputs)
+        inputs.pop("mm_token_type_ids", None)  # only needed for the positions computed above
+        with self.autocast():
+            out = self.backbone(**inputs, use_cache=False, output_hidden_states=layers is not None)
+        return out, inputs["attention_mask"]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        dim: int | None = None,
+    ) -> torch.Tensor:
+        """(B, E) L2-normalised embeddings of a processor batch, with gradients (float32)."""
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                     image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)
+        out, mask = self._hidden_states(batch)
+        return self._embed(out.last_hidden_state, mask, dim)
+
+    def forward_layers(self, batch: dict[str, Any], layers: Sequence[int],
+                       dim: int | None = None) -> dict[int, torch.Tensor]:
+        """Embeddings pooled from several decoder layers in one forward, all through the shared
+        projection: {layer: (B, E)}. Layer L is the output of decoder block L (1-based; -1 is
+        the last). Intermediate layers go through the backbone's final RMSNorm first, so every
+        level reaches the projection at the same scale (as the last layer does)."""
+        n_layers = self.qwen.config.text_config.num_hidden_layers
+        resolved = {}
+        for layer in layers:
+            idx = layer if layer > 0 else n_layers + 1 + layer
+            if not 1 <= idx <= n_layers:
+                raise ValueError(f"layer {layer} out of range: the backbone has {n_layers} decoder "
+                                 f"layers (use 1..{n_layers} or -1..-{n_layers})")
+            resolved[layer] = idx
+        out, mask = self._hidden_states(batch, layers=list(resolved.values()))
+        norm = self.qwen.language_model.norm
+        result = {}
+        for layer, idx in resolved.items():
+            hidden = out.last_hidden_state if idx == n_layers else norm(out.hidden_states[idx])
+            result[layer] = self._embed(hidden, mask, dim)
+        return result
+
+    def _embed(self, hidden: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor:
+        pooled = masked_mean_pool(hidden, mask).to(self.device)
+        # The head runs in fp32 outside autocast: it is tiny and its LayerNorm/L2 norm are
+        # where low precision hurts most.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return truncate_and_normalize(self.projection(pooled), dim)
+
+    # -- inference -------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str | None] | None = None,
+                 images: Sequence[ImageLike | None] | None = None) -> dict[str, torch.Tensor]:
+        """Processor batch for texts and/or images (item i = texts[i] + images[i])."""
+        return build_inputs(self.processor, texts, images, max_length=self.config.max_length)
+
+    def encode_texts(self, texts: Sequence[str], dim: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """(N, d) unit-norm embeddings of texts, no grad, in input order."""
+        _check_list("texts", texts)
+        return self.encode(texts=texts, dim=dim, **kwargs)
+
+    def encode_images(self, images: Sequence[ImageLike], dim: int | None = None,
+                      **kwargs: Any) -> torch.Tensor:
+        """(N, d) unit-norm embeddings of images (PIL images or paths), no grad, in input order."""
+        _check_list("images", images)
+        return self.encode(images=images, dim=dim, **kwargs)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[ImageLike | None] | None = None,
+        dim: int | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> torch.Tensor:
+        """(N, d) embeddings of N inputs, each texts[i] and/or images[i] as one input.
+
+        Inputs are sorted by length and batched so that similar lengths share a batch (little
+        padding), then returned in the original order, on the CPU, in float32.
+        """
+        if texts is None and images is None:
+            raise ValueError("encode needs texts, images or both")
+        if texts is not None:
+            _check_list("texts", texts, allow_none=images is not None)
+        if images is not None:
+            _check_list("images", images, allow_none=texts is not None)
+        n = len(texts if texts is not None else images)
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
+                             f"and {len(images)} images")
+        batch_size = batch_size or self.config.batch_size
+        order = self._length_order(texts, images)
+        n_batches = (n + batch_size - 1) // batch_size
+        show = show_progress if show_progress is not None else n_batches > 8
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            for idx in tqdm(_batches(order, batch_size), total=n_batches, disable=not show,
+                            desc="encode", unit="batch"):
+                batch = self.tokenize(
+                    [texts[i] for i in idx] if texts is not None else None,
+                    [images[i] for i in idx] if images is not None else None)
+                chunks.append(self.forward(**batch, dim=dim).float().cpu())
+        finally:
+            self.train(was_training)
+        out = torch.cat(chunks)
+        restored = torch.empty_like(out)
+        restored[torch.as_tensor(order)] = out
+        return restored
+
+    def _length_order(self, texts, images) -> list[int]:
+        """Input indices sorted by estimated token count (text tokens + image tokens)."""
+        n = len(texts if texts is not None else images)
+        cost = [0] * n
+        if texts is not None:
+            tok = self.processor.tokenizer
+            lengths = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
+            cost = [c + len(ids) for c, ids in zip(cost, lengths, strict=True)]
+        if images is not None:
+            cost = [c + _image_cost(img) for c, img in zip(cost, images, strict=True)]
+        return sorted(range(n), key=lambda i: cost[i])
+
+    # -- save / load -----------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, save_backbone: bool | None = None) -> Path:
+        """Write config, projection (safetensors), processor, and the backbone or LoRA adapter.
+
+        `save_backbone=None` saves the full backbone only when its own weights train
+        (no LoRA, not fully frozen); otherwise the base model is referenced by `model_path`
+        and only the adapter (if any) is written.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if save_backbone is None:
+            save_backbone = not self.config.use_lora and self.config.freeze_backbone != "all"
+        with quiet_hf():
+            if self.config.use_lora:
+                self.backbone.save_pretrained(path / ADAPTER_DIR)
+            elif save_backbone:
+                # A complete Qwen2.5-VL folder: loadable on its own with from_pretrained.
+                self.qwen.save_pretrained(path / BACKBONE_DIR, safe_serialization=True)
+                self.processor.save_pretrained(path / BACKBONE_DIR)
+        proj = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+        save_file(proj, str(path / PROJECTION_FILE))
+        self.processor.save_pretrained(path)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **overrides: Any) -> MultimodalEncoder:
+        """Load a folder written by `save_pretrained`, or wrap a backbone (id, folder, 'tiny')."""
+        path = Path(path_or_id).expanduser()
+        if not (path / CONFIG_FILE).is_file():
+            return cls(EncoderConfig(model_path=str(path_or_id), **overrides))
+        config = EncoderConfig.load(path / CONFIG_FILE)
+        adapter = (path / ADAPTER_DIR).is_dir()
+        backbone_dir = path / BACKBONE_DIR
+        # The adapter is loaded below, onto the base model, not created fresh.
+        config = config.replace(**overrides, use_lora=False) if adapter else config.replace(**overrides)
+        enc = cls(config, _backbone_path=str(backbone_dir) if backbone_dir.is_dir() else None)
+        if adapter:
+            from peft import PeftModel
+
+            with quiet_hf():
+                enc.backbone = PeftModel.from_pretrained(enc.backbone, str(path / ADAPTER_DIR),
+                                                         is_trainable=True)
+            enc.config = enc.config.replace(use_lora=True)
+        enc.projection.load_state_dict(load_file(str(path / PROJECTION_FILE), device=str(enc.device)))
+        return enc
+
+
+def component_of(name: str) -> str:
+    """Coarse component of a parameter name: vision tower, merger, language model, LoRA, projection."""
+    if "lora_" in name:
+        return "LoRA adapters"
+    if name.startswith("projection."):
+        return "projection"
+    if ".visual.merger." in f".{name}":
+        return "merger"
+    if ".visual." in f".{name}":
+        return "vision tower"
+    return "language model"
+
+
+def _check_list(name: str, items: Any, allow_none: bool = False) -> None:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list, got {type(items).__name__}")
+    if len(items) == 0:
+        raise ValueError(f"{name} is empty: pass at least one item")
+    if not allow_none and any(x is None for x in items):
+        raise ValueError(f"{name} contains None at index {[x is None for x in items].index(True)}")
+
+
+def _image_cost(image: ImageLike | None) -> int:
+    """Approximate image tokens (one per 28x28 block), read from the header only."""
+    if image is None:
+        return 0
+    try:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            size = image.size
+        else:
+            with Image.open(image) as img:
+                size = img.size
+    except Exception:
+        return 0  # unreadable files fail later with a clear error from load_image
+    return max(1, size[0] * size[1] // (28 * 28))
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
