@@ -1,0 +1,359 @@
+"""Image–caption data: a manifest-backed dataset, a collate function and a length-bucketing sampler.
+
+A manifest is JSONL (one object per line) or CSV with at least the columns ``image`` (a path
+relative to the manifest's folder, or absolute) and ``text``; optional ``split`` and
+``hard_negatives`` (a list of captions: a JSON list, or ``|``-separated in CSV).
+
+    ds = ImageTextDataset("data_samples/synthetic/manifest.jsonl", split="train")
+    sampler = LengthBucketSampler(text_lengths(ds.texts, processor), batch_size=16)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ImageTextCollator(processor))
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from mmlib.processing import ImageLoadError, build_inputs, load_image
+
+logger = logging.getLogger("mmlib")
+
+DIRECTIONS = ("text2image", "image2text")
+REQUIRED_COLUMNS = ("image", "text")
+
+
+@dataclass
+class ManifestRow:
+    """One manifest record; `row` is its 1-based record number, `line` its line in the file."""
+
+    row: int
+    line: int
+    image: str
+    text: str
+    split: str | None = None
+    hard_negatives: list[str] = field(default_factory=list)
+
+    def where(self, manifest: str | Path) -> str:
+        """'row 17 of data/x.jsonl' (with the file line too when it differs)."""
+        line = f" (line {self.line})" if self.line != self.row else ""
+        return f"row {self.row}{line} of {manifest}"
+
+
+# ------------------------------------------------------------------------------- manifests
+def _parse_hard_negatives(value: Any, where: str) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        s = value.strip()
+        if s.startswith("["):
+            try:
+                value = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: hard_negatives is not a valid JSON list: {e}") from e
+        else:
+            return [part.strip() for part in s.split("|") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: hard_negatives must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def _make_row(data: dict, row: int, line: int, manifest: Path) -> ManifestRow:
+    where = f"row {row} of {manifest}"
+    missing = [c for c in REQUIRED_COLUMNS if c not in data]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; found {sorted(data)}. "
+                         f"A manifest needs the columns {list(REQUIRED_COLUMNS)}")
+    image, text = data["image"], data["text"]
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"{where}: 'image' must be a non-empty path, got {image!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+    split = data.get("split")
+    split = None if split in (None, "") else str(split)
+    hard = _parse_hard_negatives(data.get("hard_negatives"), where)
+    return ManifestRow(row, line, image.strip(), text, split, hard)
+
+
+def read_manifest(manifest: str | Path) -> list[ManifestRow]:
+    """Parse a JSONL or CSV manifest into rows (validated; errors name the row)."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: '{path}'")
+    suffix = path.suffix.lower()
+    rows: list[ManifestRow] = []
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {line_no} of {path}: invalid JSON: {e}") from e
+                if not isinstance(data, dict):
+                    raise ValueError(f"line {line_no} of {path}: expected a JSON object, "
+                                     f"got {type(data).__name__}")
+                rows.append(_make_row(data, len(rows) + 1, line_no, path))
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise ValueError(f"manifest {path} is empty (no header row)")
+            missing = [c for c in REQUIRED_COLUMNS if c not in reader.fieldnames]
+            if missing:
+                raise ValueError(f"manifest {path} lacks column(s) {missing}; header is "
+                                 f"{reader.fieldnames}. Required: {list(REQUIRED_COLUMNS)}")
+            for data in reader:
+                rows.append(_make_row(data, len(rows) + 1, reader.line_num, path))
+    else:
+        raise ValueError(f"unsupported manifest format '{path.suffix}' for {path}: "
+                         "use .jsonl (one JSON object per line) or .csv")
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    return rows
+
+
+# --------------------------------------------------------------------------------- dataset
+class ImageTextDataset(Dataset):
+    """Image–caption pairs from a manifest; items are dicts with a PIL RGB image and its text.
+
+    `direction` says which side is the query: "text2image" (caption finds image) or
+    "image2text". With `with_hard_negatives`, items carry the row's hard-negative captions,
+    and for text2image also the images of those captions that are rows of this dataset
+    ("hard_negative_images"), so that hard negatives are in the target modality either way.
+    `skip_bad=True` checks every image up front and drops unreadable rows, listing them in
+    `skipped` and logging a warning; otherwise a bad image raises `ImageLoadError` naming the
+    file and the manifest row when the item is read.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        split: str | None = None,
+        root: str | Path | None = None,
+        direction: str = "text2image",
+        skip_bad: bool = False,
+        with_hard_negatives: bool = False,
+    ):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root is not None else self.manifest.parent
+        self.split = split
+        self.direction = direction
+        self.with_hard_negatives = with_hard_negatives
+        rows = read_manifest(self.manifest)
+        if split is not None:
+            if any(r.split is None for r in rows):
+                first = next(r for r in rows if r.split is None)
+                raise ValueError(f"split={split!r} requested but {first.where(self.manifest)} "
+                                 "has no 'split' value; pass split=None to use every row")
+            available = sorted({r.split for r in rows})
+            rows = [r for r in rows if r.split == split]
+            if not rows:
+                raise ValueError(f"unknown split {split!r} in {self.manifest}; "
+                                 f"available: {available}")
+        self.skipped: list[dict] = []
+        if skip_bad:
+            rows = self._drop_unreadable(rows)
+        self.rows = rows
+        self._row_of_text = {}
+        for k, r in enumerate(rows):
+            self._row_of_text.setdefault(r.text, k)
+
+    def _drop_unreadable(self, rows: list[ManifestRow]) -> list[ManifestRow]:
+        good = []
+        for r in rows:
+            try:
+                load_image(self.image_path(r))
+            except ImageLoadError as e:
+                self.skipped.append({"row": r.row, "image": r.image, "error": str(e)})
+            else:
+                good.append(r)
+        if self.skipped:
+            shown = "; ".join(f"row {s['row']}: '{s['image']}'" for s in self.skipped[:5])
+            more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
+            logger.warning("skipped %d of %d rows of %s with unreadable images: %s%s",
+                           len(self.skipped), len(rows), self.manifest, shown, more)
+        if not good:
+            raise ValueError(f"every row of {self.manifest} (split={self.split!r}) has an "
+                             f"unreadable image; first: {self.skipped[0]['error']}")
+        return good
+
+    def image_path(self, row: ManifestRow) -> Path:
+        """Absolute or root-relative path of a row's image."""
+        p = Path(row.image)
+        return p if p.is_absolute() else self.root / p
+
+    def load_row_image(self, row: ManifestRow) -> Image.Image:
+        """RGB image of a row; errors name the file and the manifest row."""
+        try:
+            return load_image(self.image_path(row))
+        except ImageLoadError as e:
+            raise ImageLoadError(
+                f"{row.where(self.manifest)}: cannot read image '{row.image}': {e}") from e
+
+    @property
+    def texts(self) -> list[str]:
+        """Captions in dataset order (no image is read)."""
+        return [r.text for r in self.rows]
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """Image paths in dataset order."""
+        return [self.image_path(r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        index = index % len(self)
+        row = self.rows[index]
+        item = {
+            "image": self.load_row_image(row),
+            "text": row.text,
+            "hard_negatives": list(row.hard_negatives) if self.with_hard_negatives else [],
+            "index": index,
+            "row": row.row,
+            "direction": self.direction,
+        }
+        if self.with_hard_negatives and self.direction == "text2image":
+            found = [self._row_of_text[t] for t in row.hard_negatives if t in self._row_of_text]
+            item["hard_negative_images"] = [self.load_row_image(self.rows[k]) for k in found]
+        return item
+
+    def __repr__(self) -> str:
+        return (f"ImageTextDataset({str(self.manifest)!r}, split={self.split!r}, rows={len(self)}, "
+                f"direction={self.direction!r}, skipped={len(self.skipped)})")
+
+
+# -------------------------------------------------------------------------------- collator
+class ImageTextCollator:
+    """collate_fn: dataset items -> {"query", "target", "hard_negatives", "indices"} batches.
+
+    text2image: query = captions, target = images, hard negatives = images of hard-negative
+    captions; image2text: query = images, target = captions, hard negatives = captions.
+    Hard negatives of all items are flattened into one batch (extra shared negatives, i.e.
+    target rows B..N-1 of the loss); "hard_negative_owner" gives the item each came from.
+    """
+
+    def __init__(self, processor: Any, max_length: int | None = None, direction: str | None = None):
+        if direction is not None and direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS} or None, got {direction!r}")
+        self.processor = processor
+        self.max_length = max_length
+        self.direction = direction
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
+        if len(items) == 0:
+            raise ValueError("cannot collate an empty batch")
+        direction = self.direction or items[0].get("direction", "text2image")
+        texts = build_inputs(self.processor, texts=[it["text"] for it in items],
+                             max_length=self.max_length)
+        images = build_inputs(self.processor, images=[it["image"] for it in items])
+        query, target = (texts, images) if direction == "text2image" else (images, texts)
+        key = "hard_negative_images" if direction == "text2image" else "hard_negatives"
+        owners, negatives = [], []
+        for k, it in enumerate(items):
+            for neg in it.get(key, []):
+                owners.append(k)
+                negatives.append(neg)
+        hard = None
+        if negatives:
+            if direction == "text2image":
+                hard = build_inputs(self.processor, images=negatives)
+            else:
+                hard = build_inputs(self.processor, texts=negatives, max_length=self.max_length)
+        return {
+            "query": query,
+            "target": target,
+            "hard_negatives": hard,
+            "hard_negative_owner": torch.tensor(owners, dtype=torch.long),
+            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+
+# --------------------------------------------------------------------------------- sampler
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, cut into pools of batch_size x multiplier, sort each
+    pool by length, cut into batches, then shuffle the batch order.
+
+    Deterministic given `seed` and the epoch (`set_epoch`); every index appears exactly once
+    per epoch (only the last batch may be short, and `drop_last` drops it). Use as a
+    DataLoader `batch_sampler`.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        bucket_size_multiplier: int = 50,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if bucket_size_multiplier < 1:
+            raise ValueError(f"bucket_size_multiplier must be >= 1, got {bucket_size_multiplier}")
+        if len(lengths) == 0:
+            raise ValueError("lengths is empty: nothing to sample")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.pool_size = batch_size * bucket_size_multiplier
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (changes the order when shuffling)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        batches = []
+        for start in range(0, n, self.pool_size):
+            pool = order[start:start + self.pool_size]
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(pool[i:i + self.batch_size].tolist()
+                           for i in range(0, len(pool), self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def text_lengths(texts: Sequence[str], tokenizer: Any) -> list[int]:
+    """Token count of each text (no special tokens); accepts a tokenizer or a processor."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if len(texts) == 0:
+        return []
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    return [len(x) for x in ids]
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of padded positions when each batch is padded to its longest member."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if len(b))
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / padded if padded else 0.0

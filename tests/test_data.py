@@ -1,0 +1,416 @@
+"""Tests for the synthetic generator, the committed samples and mmlib.data (no model needed)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmlib.data import (
+    ImageTextCollator,
+    ImageTextDataset,
+    LengthBucketSampler,
+    padding_fraction,
+    read_manifest,
+    text_lengths,
+)
+from mmlib.processing import ImageLoadError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data_samples"
+SYNTHETIC = SAMPLES / "synthetic" / "manifest.jsonl"
+PHOTOS = SAMPLES / "photos" / "captions.jsonl"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_mmlib_{name}", SAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return _load_script("make_synthetic")
+
+
+@pytest.fixture(scope="module")
+def small_set(gen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    return gen.generate(out, n=80, seed=3)
+
+
+def _rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- generator
+def test_generator_is_deterministic(gen, small_set, tmp_path):
+    again = gen.generate(tmp_path / "again", n=80, seed=3)
+    assert _files(small_set.parent) == _files(again.parent)
+    other = gen.generate(tmp_path / "other", n=80, seed=4)
+    assert _files(other.parent) != _files(small_set.parent)
+
+
+def test_generator_cli_matches_function(gen, small_set, tmp_path):
+    gen.main(["--out", str(tmp_path / "cli"), "--n", "80", "--seed", "3"])
+    assert _files(tmp_path / "cli") == _files(small_set.parent)
+
+
+def test_generator_rows(gen, small_set):
+    rows = _rows(small_set)
+    assert len(rows) == 80
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) == len(texts), "captions must be unique"
+    for r in rows:
+        a = r["attributes"]
+        assert r["split"] == gen.split_of(a)
+        assert r["text"].startswith(f"a {a['size']} {a['color']} {a['shape']} ")
+        assert 1 <= len(r["hard_negatives"]) <= 3
+        assert r["text"] not in r["hard_negatives"]
+        for d in a["distractors"]:  # the caption names the main object unambiguously
+            assert d["shape"] != a["shape"] and d["color"] != a["color"]
+        with Image.open(small_set.parent / r["image"]) as img:
+            assert img.size == (a["image_size"], a["image_size"])
+            assert 56 <= img.width <= 112 and img.width % 28 == 0
+
+
+def test_generator_unique_captions_beyond_all_combinations(gen, tmp_path):
+    n = len(gen.all_combinations()) + 60  # combinations repeat: distractor mentions differ
+    rows = _rows(gen.generate(tmp_path / "big", n=n, seed=0, sizes=[56]))
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) == n
+
+
+def test_split_is_a_stable_function_of_the_main_attributes(gen, small_set, tmp_path):
+    counts = Counter(gen.split_of(c) for c in gen.all_combinations())
+    assert counts == {"train": 444, "validation": 95, "test": 101}  # pinned: never reshuffle
+    assert gen.split_of({"shape": "circle", "color": "red", "size": "large",
+                         "position": "left"}) == "train"
+    combo_split = {}
+    for manifest in (small_set, gen.generate(tmp_path / "s9", n=120, seed=9)):
+        for r in _rows(manifest):
+            key = tuple(r["attributes"][k] for k in gen.ATTRIBUTES)
+            assert combo_split.setdefault(key, r["split"]) == r["split"]
+
+
+def test_rows_do_not_depend_on_n(gen, small_set, tmp_path):
+    fewer = gen.generate(tmp_path / "fewer", n=30, seed=3)
+    for a, b in zip(_rows(fewer), _rows(small_set), strict=False):
+        assert a["text"] == b["text"]
+        assert (fewer.parent / a["image"]).read_bytes() == (small_set.parent / b["image"]).read_bytes()
+
+
+def test_generator_rejects_bad_arguments(gen, tmp_path):
+    with pytest.raises(ValueError, match="n must be"):
+        gen.generate(tmp_path, n=0)
+    with pytest.raises(ValueError, match="sizes"):
+        gen.generate(tmp_path, n=3, sizes=[8])
+
+
+# ------------------------------------------------------------------------ committed samples
+def test_committed_synthetic_sample(gen):
+    rows = _rows(SYNTHETIC)
+    folder = SYNTHETIC.parent
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total < 2 * 1024 * 1024, f"committed sample is {total} bytes"
+    on_disk = {str(p.relative_to(folder)) for p in (folder / "images").iterdir()}
+    assert on_disk == {r["image"] for r in rows}, "images and manifest rows must match 1:1"
+    assert len({r["text"] for r in rows}) == len(rows)
+    counts = Counter(r["split"] for r in rows)
+    assert set(counts) == {"train", "validation", "test"}
+    assert 0.6 < counts["train"] / len(rows) < 0.8
+    assert min(counts["validation"], counts["test"]) >= 0.1 * len(rows)
+    train = {tuple(r["attributes"][k] for k in gen.ATTRIBUTES) for r in rows if r["split"] == "train"}
+    held = {tuple(r["attributes"][k] for k in gen.ATTRIBUTES) for r in rows if r["split"] != "train"}
+    assert not train & held
+
+
+def test_committed_sample_is_what_the_generator_makes(gen, tmp_path):
+    """Same manifest and same pixels as `make_synthetic.py --n 600 --seed 0` (PNG bytes may
+    differ across zlib versions, pixels may not)."""
+    rows = _rows(SYNTHETIC)
+    fresh = gen.generate(tmp_path / "fresh", n=len(rows), seed=0)
+    assert fresh.read_text(encoding="utf-8") == SYNTHETIC.read_text(encoding="utf-8")
+    for r in rows[:: max(1, len(rows) // 40)]:
+        a = np.asarray(Image.open(SYNTHETIC.parent / r["image"]).convert("RGB"))
+        b = np.asarray(Image.open(fresh.parent / r["image"]).convert("RGB"))
+        assert np.array_equal(a, b), r["image"]
+
+
+def test_committed_photos():
+    ds = ImageTextDataset(PHOTOS)
+    assert 6 <= len(ds) <= 8
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].mode == "RGB" and max(item["image"].size) <= 224
+        assert len(item["text"].split()) >= 5
+    assert len(set(ds.texts)) == len(ds)
+
+
+# --------------------------------------------------------------------------------- dataset
+def _write_csv(path: Path, rows: list[dict], hard: str) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "text", "split", "hard_negatives"])
+        w.writeheader()
+        for r in rows:
+            hn = json.dumps(r["hard_negatives"]) if hard == "json" else "|".join(r["hard_negatives"])
+            w.writerow({"image": r["image"], "text": r["text"], "split": r["split"], "hard_negatives": hn})
+    return path
+
+
+@pytest.mark.parametrize("hard", ["json", "pipe"])
+def test_jsonl_and_csv_read_the_same(small_set, hard):
+    csv_path = _write_csv(small_set.parent / f"manifest_{hard}.csv", _rows(small_set), hard)
+    for split in (None, "train", "test"):
+        a = ImageTextDataset(small_set, split=split, with_hard_negatives=True)
+        b = ImageTextDataset(csv_path, split=split, with_hard_negatives=True)
+        assert len(a) == len(b) > 0
+        for i in (0, len(a) - 1):
+            x, y = a[i], b[i]
+            assert x["text"] == y["text"] and x["hard_negatives"] == y["hard_negatives"]
+            assert x["index"] == y["index"] == i
+            assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+
+
+def test_dataset_items(small_set):
+    ds = ImageTextDataset(small_set, split="train")
+    item = ds[0]
+    assert set(item) >= {"image", "text", "hard_negatives", "index"}
+    assert isinstance(item["image"], Image.Image) and item["image"].mode == "RGB"
+    assert item["hard_negatives"] == []  # only with with_hard_negatives=True
+    assert ds[-1]["index"] == len(ds) - 1
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    assert sum(len(ImageTextDataset(small_set, split=s)) for s in ("train", "validation", "test")) == 80
+
+
+def test_hard_negatives_follow_the_direction(small_set):
+    t2i = ImageTextDataset(small_set, direction="text2image", with_hard_negatives=True)
+    i2t = ImageTextDataset(small_set, direction="image2text", with_hard_negatives=True)
+    by_text = dict(zip(t2i.texts, range(len(t2i)), strict=True))
+    resolved = 0
+    for i in range(len(t2i)):
+        item = t2i[i]
+        assert i2t[i]["hard_negatives"] == item["hard_negatives"]
+        present = [by_text[t] for t in item["hard_negatives"] if t in by_text]
+        assert len(item["hard_negative_images"]) == len(present)
+        for img, k in zip(item["hard_negative_images"], present, strict=True):
+            assert np.array_equal(np.asarray(img), np.asarray(t2i[k]["image"]))
+        resolved += len(present)
+    assert resolved > 0
+    assert "hard_negative_images" not in i2t[0]
+
+
+def _copy_rows(src: Path, dst: Path, n: int) -> tuple[Path, list[dict]]:
+    rows = _rows(src)[:n]
+    (dst / "images").mkdir(parents=True)
+    for r in rows:
+        (dst / r["image"]).write_bytes((src.parent / r["image"]).read_bytes())
+    manifest = dst / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return manifest, rows
+
+
+def test_missing_and_truncated_images_name_file_and_row(small_set, tmp_path):
+    manifest, rows = _copy_rows(small_set, tmp_path, 6)
+    (tmp_path / rows[1]["image"]).unlink()
+    data = (tmp_path / rows[3]["image"]).read_bytes()
+    (tmp_path / rows[3]["image"]).write_bytes(data[: len(data) // 2])
+    (tmp_path / rows[4]["image"]).write_text("not an image")
+    ds = ImageTextDataset(manifest)
+    assert len(ds) == 6  # lazily checked
+    for i in (1, 3, 4):
+        with pytest.raises(ImageLoadError) as info:
+            ds[i]
+        msg = str(info.value)
+        assert f"row {i + 1} of {manifest}" in msg and rows[i]["image"] in msg
+    assert isinstance(info.value, ValueError)
+    ds[0]  # good rows still load
+
+
+def test_skip_bad_skips_counts_and_warns(small_set, tmp_path, caplog):
+    manifest, rows = _copy_rows(small_set, tmp_path, 6)
+    (tmp_path / rows[2]["image"]).unlink()
+    (tmp_path / rows[5]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with caplog.at_level(logging.WARNING, logger="mmlib"):
+        ds = ImageTextDataset(manifest, skip_bad=True)
+    assert len(ds) == 4
+    assert [s["row"] for s in ds.skipped] == [3, 6]
+    assert [s["image"] for s in ds.skipped] == [rows[2]["image"], rows[5]["image"]]
+    assert "skipped 2 of 6 rows" in caplog.text
+    assert [ds[i]["text"] for i in range(4)] == [rows[k]["text"] for k in (0, 1, 3, 4)]
+    for r in rows:
+        (tmp_path / r["image"]).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="every row"):
+        ImageTextDataset(manifest, skip_bad=True)
+
+
+def test_bad_manifests_raise_clear_errors(small_set, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no rows"):
+        ImageTextDataset(empty)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        ImageTextDataset(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("image,text\n")
+    with pytest.raises(ValueError, match="no rows"):
+        ImageTextDataset(tmp_path / "header.csv")
+    with pytest.raises(ValueError, match=r"unknown split 'dev'.*'test', 'train', 'validation'"):
+        ImageTextDataset(small_set, split="dev")
+    (tmp_path / "nocap.csv").write_text("image,caption\na.png,hi\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['text'\]"):
+        ImageTextDataset(tmp_path / "nocap.csv")
+    (tmp_path / "nocap.jsonl").write_text('{"image": "a.png", "text": "x"}\n{"image": "b.png"}\n')
+    with pytest.raises(ValueError, match=r"row 2 of .*missing column\(s\) \['text'\]"):
+        ImageTextDataset(tmp_path / "nocap.jsonl")
+    (tmp_path / "nosplit.jsonl").write_text('{"image": "a.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="no 'split'"):
+        ImageTextDataset(tmp_path / "nosplit.jsonl", split="train")
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "text": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2 .*invalid JSON"):
+        read_manifest(tmp_path / "bad.jsonl")
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsupported manifest format"):
+        read_manifest(tmp_path / "m.txt")
+    with pytest.raises(FileNotFoundError):
+        read_manifest(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="direction"):
+        ImageTextDataset(small_set, direction="both")
+
+
+def test_root_overrides_the_manifest_folder(small_set, tmp_path):
+    rows = _rows(small_set)[:3]
+    manifest = tmp_path / "elsewhere.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ImageTextDataset(manifest, root=small_set.parent)
+    assert ds[2]["text"] == rows[2]["text"]
+    assert ds.image_paths[0] == small_set.parent / rows[0]["image"]
+
+
+# -------------------------------------------------------------------------------- collator
+class _FakeProcessor:
+    """Stands in for the Qwen processor: tokenizes on spaces, one token per 28 px block."""
+
+    class _Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            if isinstance(text, str):
+                return {"input_ids": list(range(len(text.split())))}
+            return {"input_ids": [list(range(len(t.split()))) for t in text]}
+
+    tokenizer = _Tokenizer()
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        lengths = [len(t.split()) for t in text]
+        width = max(lengths)
+        out = {"input_ids": torch.zeros(len(text), width, dtype=torch.long),
+               "attention_mask": torch.tensor([[1] * n + [0] * (width - n) for n in lengths])}
+        if images:
+            out["image_grid_thw"] = torch.tensor([[1, im.height // 14, im.width // 14] for im in images])
+        return out
+
+
+def test_collator_directions(small_set):
+    proc = _FakeProcessor()
+    ds = ImageTextDataset(small_set, with_hard_negatives=True)
+    items = [ds[i] for i in range(6)]
+    b = ImageTextCollator(proc)(items)
+    assert b["query"]["input_ids"].shape[0] == 6 and "image_grid_thw" not in b["query"]
+    assert b["target"]["image_grid_thw"].shape == (6, 3)
+    assert torch.equal(b["indices"], torch.arange(6))
+    n_neg = sum(len(it["hard_negative_images"]) for it in items)
+    assert len(b["hard_negative_owner"]) == n_neg
+    if n_neg:
+        assert b["hard_negatives"]["image_grid_thw"].shape[0] == n_neg
+    b = ImageTextCollator(proc, direction="image2text")(items)
+    assert "image_grid_thw" in b["query"] and "image_grid_thw" not in b["target"]
+    assert b["hard_negatives"]["input_ids"].shape[0] == sum(len(it["hard_negatives"]) for it in items)
+    plain = ImageTextDataset(small_set)
+    b = ImageTextCollator(proc)([plain[0], plain[1]])
+    assert b["hard_negatives"] is None and b["hard_negative_owner"].numel() == 0
+    with pytest.raises(ValueError, match="empty batch"):
+        ImageTextCollator(proc)([])
+    loader = torch.utils.data.DataLoader(plain, batch_size=4, collate_fn=ImageTextCollator(proc))
+    assert torch.equal(next(iter(loader))["indices"], torch.arange(4))
+
+
+# --------------------------------------------------------------------------------- sampler
+def _caption_lengths() -> list[int]:
+    return text_lengths([r["text"] for r in _rows(SYNTHETIC)], _FakeProcessor())
+
+
+@pytest.mark.parametrize("n,bs,drop_last", [(600, 16, False), (600, 16, True), (37, 8, False),
+                                            (5, 8, False), (64, 8, True)])
+def test_sampler_covers_every_index_once(n, bs, drop_last):
+    lengths = [random.Random(n + i).randint(1, 50) for i in range(n)]
+    s = LengthBucketSampler(lengths, bs, drop_last=drop_last, bucket_size_multiplier=4)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s)
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat))
+        if drop_last:
+            assert all(len(b) == bs for b in batches) and len(flat) == n // bs * bs
+        else:
+            assert sorted(flat) == list(range(n))
+            assert sum(len(b) < bs for b in batches) <= 1
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    lengths = _caption_lengths()
+    a, b = LengthBucketSampler(lengths, 16, seed=1), LengthBucketSampler(lengths, 16, seed=1)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(LengthBucketSampler(lengths, 16, seed=2)) != list(LengthBucketSampler(lengths, 16, seed=1))
+    ordered = LengthBucketSampler(lengths, 16, shuffle=False)
+    assert list(ordered) == list(ordered)
+
+
+def test_sampler_reduces_padding():
+    lengths = _caption_lengths()
+    assert len(set(lengths)) >= 2
+    bucketed = padding_fraction(list(LengthBucketSampler(lengths, 16, seed=0)), lengths)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    random_batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+    baseline = padding_fraction(random_batches, lengths)
+    assert bucketed < 0.5 * baseline, (bucketed, baseline)
+    wide = [random.Random(i).randint(5, 120) for i in range(2000)]
+    order = list(range(2000))
+    random.Random(0).shuffle(order)
+    assert (padding_fraction(list(LengthBucketSampler(wide, 32)), wide)
+            < 0.2 * padding_fraction([order[i:i + 32] for i in range(0, 2000, 32)], wide))
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        LengthBucketSampler([1, 2], 0)
+    with pytest.raises(ValueError, match="empty"):
+        LengthBucketSampler([], 4)
+
+
+def test_text_lengths_and_padding_fraction():
+    assert text_lengths(["a b c", "d"], _FakeProcessor()) == [3, 1]
+    assert text_lengths([], _FakeProcessor()) == []
+    assert padding_fraction([[0, 1]], [3, 1]) == pytest.approx(2 / 6)
+    assert padding_fraction([[0], [1]], [3, 1]) == 0.0
