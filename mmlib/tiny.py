@@ -35,7 +35,7 @@ from mmlib.presets import build_backbone_config
 TINY_SEED = 0
 TINY_VOCAB_SIZE = 512
 # Bump when the tiny recipe changes, so cached builds of an older recipe are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -65,7 +65,7 @@ CHAT_TEMPLATE = (
 # captions plus everyday English, so common words become single tokens.
 _WORDS = """
 a an the of on in at to and with next near above below left right top bottom center middle
-corner small large big tiny huge red green blue yellow orange purple pink brown black white
+corner small large big tiny huge semicircle red green blue yellow orange purple pink brown black white
 gray grey cyan magenta circle square triangle star cross diamond hexagon ring heart shape
 shapes object objects scene image photo picture background noise dark light bright
 person astronaut cat coffee cup rocket camera man woman dog horse moon space suit flag

@@ -1,0 +1,461 @@
+"""A plain, readable training loop for the Matryoshka image–text encoder.
+
+    python -m mmlib.train --config configs/tiny_mrl.yaml
+    python -m mmlib.train --config configs/tiny_mrl.yaml --set max_steps=50 encoder.learning_rate=3e-4
+
+One optimizer step = `grad_accum_steps` batches of `batch_size` pairs. Within a batch,
+`micro_batch_size` switches on GradCache (same loss and gradients as the whole batch, memory
+of one micro-batch); accumulation across batches does *not* add negatives. AdamW with linear
+warm-up and cosine decay, AMP from the encoder config (bf16 on GPU; fp16 uses a GradScaler),
+gradient clipping with the norm logged, periodic retrieval evaluation per Matryoshka dim,
+metrics as JSONL, safetensors checkpoints that resume exactly, Ctrl-C saves a checkpoint.
+
+Under torchrun (`torchrun --nproc_per_node 8 -m mmlib.train --config ...`) `batch_size` is the
+global batch: each rank embeds batch_size / W pairs, the embeddings are gathered with gradient
+so that every rank computes the loss of the whole global batch, gradients are averaged, and a
+step equals the single-process step on the same global batch (see mmlib/distributed.py). Rank
+0 logs, evaluates and writes checkpoints; checkpoints do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mmlib.config import EncoderConfig
+from mmlib.data import ImageTextCollator, ImageTextDataset, LengthBucketSampler, text_lengths
+from mmlib.distributed import (
+    DistributedBatchSampler,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    cleanup,
+    gather_for_loss,
+    init_distributed,
+    local_batch_size,
+)
+from mmlib.encoder import MultimodalEncoder
+from mmlib.evaluation import evaluate_dataset
+from mmlib.gradcache import gradcache_step
+from mmlib.losses import matryoshka_in_batch_negative_loss
+
+logger = logging.getLogger("mmlib")
+
+
+@dataclass
+class TrainConfig:
+    """A training run: the encoder's config plus data, schedule and logging."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    manifest: str = "data_samples/synthetic/manifest.jsonl"
+    train_split: str | None = "train"
+    eval_split: str | None = "validation"
+    direction: str = "text2image"
+    loss: str = "mrl"  # "mrl": every dim of encoder.mrl_dims; "full": the full width only
+    symmetric: bool = True
+    hard_negatives: bool = False
+    skip_bad: bool = False
+    max_steps: int = 100
+    micro_batch_size: int | None = None
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    output_dir: str = "runs/tiny"
+    resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = EncoderConfig.from_dict(self.encoder)
+        if self.loss not in ("mrl", "full"):
+            raise ValueError(f"loss must be 'mrl' or 'full', got {self.loss!r}")
+        if self.direction not in ("text2image", "image2text"):
+            raise ValueError(f"direction must be 'text2image' or 'image2text', got {self.direction!r}")
+        for name in ("max_steps", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive or None, got {self.micro_batch_size!r}")
+
+    @property
+    def loss_dims(self) -> list[int]:
+        """The dims the loss is summed over."""
+        dims = self.encoder.resolved_mrl_dims()
+        return dims if self.loss == "mrl" else [self.encoder.embed_dim]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (nested encoder config) for YAML / JSON."""
+        d = dataclasses.asdict(self)
+        d["encoder"] = self.encoder.to_dict()
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a YAML/JSON config; `overrides` like `max_steps=50` or `encoder.lr=...`."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=50)")
+            target = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+            target[leaf] = yaml.safe_load(value)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+
+# -- schedule -------------------------------------------------------------------------------
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -- trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """Owns the encoder, data, optimizer and schedule of one run."""
+
+    def __init__(self, config: TrainConfig, encoder: MultimodalEncoder | None = None):
+        self.config = config
+        enc_cfg = config.encoder
+        # Under torchrun: join the process group (one GPU per rank); otherwise a no-op, world 1.
+        self.dist = init_distributed(enc_cfg.device)
+        if self.dist.enabled:
+            if enc_cfg.device_map is not None:
+                raise ValueError("encoder.device_map spreads one model over several GPUs; it "
+                                 "cannot be combined with torchrun data parallelism (one GPU per "
+                                 "rank): set device_map to null or launch a single process")
+            local_batch_size(enc_cfg.batch_size, self.dist.world_size)  # raises if uneven
+        torch.manual_seed(config.encoder.seed)
+        self.encoder = encoder or MultimodalEncoder(config.encoder)
+        broadcast_parameters(self.encoder)  # every rank starts from rank 0's weights
+        self.out = Path(config.output_dir)
+        self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
+                                          direction=config.direction, skip_bad=config.skip_bad,
+                                          with_hard_negatives=config.hard_negatives)
+        self.eval_set = (ImageTextDataset(config.manifest, split=config.eval_split,
+                                          skip_bad=config.skip_bad)
+                         if config.eval_split else None)
+        lengths = text_lengths(self.train_set.texts, self.encoder.processor.tokenizer)
+        self.sampler = LengthBucketSampler(lengths, enc_cfg.batch_size, shuffle=True,
+                                           seed=enc_cfg.seed, drop_last=True)
+        if len(self.sampler) == 0:
+            raise ValueError(f"batch_size={enc_cfg.batch_size} is larger than the "
+                             f"{len(self.train_set)} training rows")
+        if self.dist.enabled:
+            # The sampler above yields the global batches (same on every rank); each rank takes
+            # its slice, so the ranks together see exactly the single-process batch and the
+            # data position (epoch, batch_in_epoch) stays counted in global batches.
+            self.sampler = DistributedBatchSampler(self.sampler, self.dist.rank,
+                                                   self.dist.world_size)
+        self.collate = ImageTextCollator(self.encoder.processor, max_length=enc_cfg.max_length,
+                                         direction=config.direction)
+        self.loss_fn = functools.partial(matryoshka_in_batch_negative_loss,
+                                         dims=config.loss_dims, temperature=enc_cfg.temperature,
+                                         symmetric=config.symmetric)
+        self.optimizer = torch.optim.AdamW(param_groups(self.encoder, config.weight_decay),
+                                           lr=enc_cfg.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(warmup_cosine, warmup=config.warmup_steps,
+                                              total=config.max_steps))
+        fp16 = self.encoder.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.encoder.device.type, enabled=fp16)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of the current epoch already consumed
+        self._order: list[list[int]] = []
+        self._order_epoch = -1
+        self._commit()
+        if config.resume:
+            self.load_checkpoint(self._resolve_resume(config.resume))
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Loss of the (global) batch: under torchrun every rank gathers all ranks' query and
+        target embeddings, with gradient, and computes the same loss of the global batch."""
+        if self.dist.enabled:
+            q, t = gather_for_loss(q, t)  # t: this rank's positives, then its hard negatives
+        return self.loss_fn(q, t)
+
+    def _batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward + backward of one batch (divided by the accumulation count)."""
+        accum = self.config.encoder.grad_accum_steps
+        loss_fn = self._loss
+        if accum > 1:
+            loss_fn = lambda q, t: self._loss(q, t) / accum  # noqa: E731
+        mb = self.config.micro_batch_size
+        if mb is not None and mb < batch["query"]["input_ids"].shape[0]:
+            return gradcache_step(self.encoder, batch["query"], batch["target"], loss_fn, mb,
+                                  extra_targets=batch["hard_negatives"],
+                                  scale=self.scaler.scale) * accum
+        q = self.encoder(**batch["query"])
+        targets = [self.encoder(**batch["target"])]
+        if batch["hard_negatives"] is not None:
+            targets.append(self.encoder(**batch["hard_negatives"]))
+        loss = loss_fn(q, torch.cat(targets))
+        self.scaler.scale(loss).backward()
+        return loss.detach() * accum
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` batches; returns loss, grad norm, lr."""
+        self.encoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = [self._batch_loss(b) for b in batches]
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        if self.dist.enabled:
+            # Rank r's gradient is W x the part of the global loss's gradient that flows through
+            # its rows (the gather's backward sums over the W ranks, which all compute the same
+            # loss); the mean over ranks is therefore the single-process gradient exactly (the
+            # derivation is in mmlib/distributed.py). We average by hand after the backward
+            # passes rather than wrap the encoder in DistributedDataParallel: a step runs the
+            # encoder several times (query, targets, hard negatives) and GradCache and gradient
+            # accumulation run several backward passes, which DDP only handles with no_sync /
+            # static_graph care; one explicit average is simpler and testably exact. The cost
+            # is no overlap of the gradient all-reduce with the backward pass.
+            average_gradients(params)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.encoder.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": float(torch.stack(losses).mean()), "grad_norm": float(grad_norm), "lr": lr}
+
+    def _commit(self) -> None:
+        """Remember the data position and RNG state after a completed step: a checkpoint
+        written on Ctrl-C must not count batches drawn for a step that never finished."""
+        self._committed = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                           "rng_cpu": torch.get_rng_state(),
+                           "rng_cuda": (torch.cuda.get_rng_state_all()
+                                        if torch.cuda.is_available() and torch.cuda.is_initialized()
+                                        else [])}
+
+    # -- data order (deterministic, resumable) ------------------------------------------------
+    def _next_batches(self) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < self.config.encoder.grad_accum_steps:
+            if self._order_epoch != self.epoch:
+                self.sampler.set_epoch(self.epoch)
+                self._order, self._order_epoch = list(self.sampler), self.epoch
+            order = self._order
+            if self.batch_in_epoch >= len(order):
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                continue
+            idx = order[self.batch_in_epoch]
+            self.batch_in_epoch += 1
+            out.append(self.collate([self.train_set[i] for i in idx]))
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run until `max_steps`; returns the final evaluation (and timing)."""
+        cfg = self.config
+        main = self.dist.is_main  # only rank 0 writes files, logs and evaluates
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg_path = self.out / "train_config.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or not main,
+                   desc="train", unit="step", dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                stats = self.train_step(self._next_batches())
+                self._commit()
+                if not math.isfinite(stats["loss"]):
+                    self.save_checkpoint()
+                    raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}; "
+                                             "checkpoint saved. Lower the learning rate or use bf16.")
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                                grad=f"{stats['grad_norm']:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    self.log({"split": "train", "epoch": self.epoch, **stats,
+                              "elapsed_s": round(time.perf_counter() - start, 3)})
+                if (cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
+                        and main):
+                    self.evaluate()  # the other ranks wait in the next step's gather
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            path = self.save_checkpoint()
+            bar.close()
+            print(f"\ninterrupted at step {self.step}: checkpoint saved to {path}; resume with "
+                  f"--set resume={path}", file=sys.stderr)
+            raise
+        bar.close()
+        train_time = time.perf_counter() - start
+        self.save_checkpoint()
+        if main:
+            self.encoder.save_pretrained(self.out / "final")
+        barrier()  # every rank returns once the final model is written
+        result = {"train_time_s": train_time, "steps": self.step}
+        if self.eval_set is not None and main:
+            df = self.evaluate()
+            df.to_csv(self.out / "eval.csv")
+            result["eval"] = df
+        return result
+
+    def evaluate(self):
+        """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame."""
+        df = evaluate_dataset(self.encoder, self.eval_set, dims=self.config.encoder.mrl_dims)
+        for dim, row in df.iterrows():
+            self.log({"split": self.config.eval_split, "dim": int(dim),
+                      **{k: round(float(v), 6) for k, v in row.items()}})
+        return df
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (read it with pandas.read_json(lines=True))."""
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Trainable weights, optimizer moments, schedule, data position and RNG state.
+
+        Under torchrun only rank 0 writes (the others return the path); weights and optimizer
+        are the same on every rank and the position counts global batches, so a checkpoint
+        resumes on any world size.
+        """
+        path = self.out / f"checkpoint-{self.step:06d}"
+        if not self.dist.is_main:
+            return path
+        path.mkdir(parents=True, exist_ok=True)
+        names = {p: n for n, p in self.encoder.named_parameters() if p.requires_grad}
+        save_file({n: p.detach().cpu().contiguous() for p, n in names.items()},
+                  str(path / "trainable.safetensors"))
+        moments = {}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                moments[f"{names[p]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        done = self._committed
+        moments["rng::cpu"] = done["rng_cpu"]
+        for i, s in enumerate(done["rng_cuda"]):
+            moments[f"rng::cuda{i}"] = s
+        save_file(moments, str(path / "optimizer.safetensors"))
+        state = {"step": self.step, "epoch": done["epoch"], "batch_in_epoch": done["batch_in_epoch"],
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "config": self.config.to_dict()}
+        (path / "state.json").write_text(json.dumps(state, indent=1))
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything `save_checkpoint` wrote, so training continues bit for bit."""
+        path = Path(path)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"{path} is not an mmlib checkpoint (no state.json)")
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.encoder.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}: "
+                             "was it written with another freezing / LoRA setting?")
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+        moments = load_file(str(path / "optimizer.safetensors"))
+        for p in (p for p in self.encoder.parameters() if p.requires_grad):
+            name = next(n for n, q in params.items() if q is p)
+            state = {key.split("::", 1)[1]: v for key, v in moments.items()
+                     if key.split("::", 1)[0] == name}
+            if state:
+                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v
+                                           for k, v in state.items()}
+        torch.set_rng_state(moments["rng::cpu"])
+        cuda = [moments[k] for k in sorted(moments) if k.startswith("rng::cuda")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The current lr comes from this run's schedule (max_steps may have been extended).
+        sched = self.scheduler
+        lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas,
+                                                                  strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        self.scaler.load_state_dict(state["scaler"])
+        self._commit()
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _resolve_resume(self, resume: str) -> Path:
+        if resume != "auto":
+            return Path(resume)
+        found = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
+        if not found:
+            raise FileNotFoundError(f"resume='auto' but {self.out} holds no checkpoint-* folder")
+        return found[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description="Train an mmlib encoder.")
+    parser.add_argument("--config", required=True, help="YAML/JSON TrainConfig file")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override fields, e.g. max_steps=50 encoder.learning_rate=3e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = TrainConfig.load(args.config, args.set)
+    try:
+        trainer = Trainer(config)
+        result = trainer.train()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        cleanup()  # leave the torchrun process group, if any
+    if not trainer.dist.is_main:
+        return
+    print(f"trained {result['steps']} steps in {result['train_time_s']:.1f} s; "
+          f"model saved to {Path(config.output_dir) / 'final'}")
+    if "eval" in result:
+        cols = [c for c in result["eval"].columns if c.endswith(("top1", "top5", "mrr"))]
+        print(result["eval"][cols].round(4).to_string())
+
+
+if __name__ == "__main__":
+    main()
