@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmlib.config import EncoderConfig
