@@ -1,0 +1,151 @@
+"""Two-rank worker for tests/test_distributed.py (CPU, gloo), launched by torchrun:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/_dist_worker.py OUT REF_CHECKPOINT
+
+Runs every distributed check in one launch (process start-up and imports dominate the cost)
+and saves what each rank saw under OUT; the test compares it with a single process. The
+inputs (`raw_inputs`, `make_encoder`, `trainer_config`) are shared with the test.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmlib import EncoderConfig, MultimodalEncoder
+from mmlib.losses import matryoshka_in_batch_negative_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["a red circle", "a blue square on the left", "green", "a small yellow star at the top",
+         "a large purple ring", "cyan cross", "an orange diamond in the center", "white heart"]
+EXTRA_PER_RANK = (2, 1)  # unequal on purpose: extra negatives of rank 0, rank 1
+WORLD = 2
+LOSS = functools.partial(matryoshka_in_batch_negative_loss, dims=[8, 16, 64])
+
+
+def noise_image(seed: int, w: int = 56, h: int = 56) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def raw_inputs() -> tuple[list[str], list[Image.Image], list[list[Image.Image]]]:
+    """The global batch: 8 captions, their 8 images, and each rank's extra negative images."""
+    images = [noise_image(i, 56 + 28 * (i % 2)) for i in range(8)]
+    extras, seed = [], 100
+    for n in EXTRA_PER_RANK:
+        extras.append([noise_image(seed + k) for k in range(n)])
+        seed += n
+    return TEXTS, images, extras
+
+
+def make_encoder() -> MultimodalEncoder:
+    torch.manual_seed(0)
+    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=64, mrl_dims=(8, 16, None)))
+    return enc.train()
+
+
+def grads(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+
+def trainer_config(output_dir: Path | str, **overrides):
+    from mmlib.train import TrainConfig
+
+    enc = EncoderConfig(device="cpu", embed_dim=32, mrl_dims=(8, 16, None), batch_size=8,
+                        learning_rate=2e-3, seed=0)
+    base = dict(encoder=enc, manifest=str(REPO / "data_samples/synthetic/manifest.jsonl"),
+                eval_split=None, max_steps=2, warmup_steps=1, log_every=1, save_every=1,
+                hard_negatives=True, output_dir=str(output_dir), progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- the checks
+def check_toy_gather(out: Path, rank: int) -> None:
+    """Unequal sizes (2 and 3 rows); a rank-dependent loss whose gradient is known by hand."""
+    from mmlib.distributed import all_gather_with_grad, gather_for_loss
+
+    n = 2 + rank
+    x = (torch.arange(n * 3, dtype=torch.float64).reshape(n, 3) + 100 * rank).requires_grad_()
+    y = all_gather_with_grad(x)
+    c = torch.arange(15, dtype=torch.float64).reshape(5, 3)
+    ((rank + 1) * c * y).sum().backward()
+    # gather_for_loss layout: row values encode (rank, kind, index); kind 0 query, 1 positive,
+    # 2 extra. Rank r: B_r = 1 + r queries, X_r = 2 - r extra negatives (rank 1 passes them
+    # through `extra`, rank 0 as target rows beyond B_r).
+    b, xn = 1 + rank, 2 - rank
+    q = torch.tensor([[rank, 0, i] for i in range(b)], dtype=torch.float64)
+    p = torch.tensor([[rank, 1, i] for i in range(b)], dtype=torch.float64)
+    e = torch.tensor([[rank, 2, i] for i in range(xn)], dtype=torch.float64).reshape(xn, 3)
+    gq, gt = gather_for_loss(q, torch.cat([p, e])) if rank == 0 else gather_for_loss(q, p, e)
+    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt}, out / f"toy_rank{rank}.pt")
+
+
+def check_encoder_step(out: Path, rank: int) -> None:
+    """One step on this rank's half of the global batch: plain, then GradCache."""
+    from mmlib.distributed import average_gradients, gather_for_loss
+    from mmlib.gradcache import gradcache_step
+
+    enc = make_encoder()
+    texts, images, extras = raw_inputs()
+    rows = slice(4 * rank, 4 * rank + 4)
+    query, target = enc.tokenize(texts[rows]), enc.tokenize(images=images[rows])
+    extra = enc.tokenize(images=extras[rank])
+    params = [p for p in enc.parameters() if p.requires_grad]
+
+    q = enc(**query)
+    t = torch.cat([enc(**target), enc(**extra)])
+    gq, gt = gather_for_loss(q, t)
+    loss = LOSS(gq, gt)
+    loss.backward()
+    raw = grads(enc)  # before averaging: W x this rank's share (checked in the test)
+    average_gradients(params)
+    result = {"loss": loss.detach(), "grads": grads(enc), "raw_grads": raw}
+
+    enc.zero_grad(set_to_none=True)
+    loss_gc = gradcache_step(enc, query, target, lambda q, t: LOSS(*gather_for_loss(q, t)),
+                             micro_batch_size=3, extra_targets=extra)
+    average_gradients(params)
+    result.update(gradcache_loss=loss_gc, gradcache_grads=grads(enc))
+    torch.save(result, out / f"encoder_rank{rank}.pt")
+
+
+def check_trainer(out: Path, rank: int, reference_checkpoint: str) -> None:
+    """2 steps from scratch, and step 2 resumed from a single-process checkpoint of step 1
+    (with GradCache micro-batches of 3 of each rank's 4 rows, which must not change a thing)."""
+    from mmlib.train import Trainer
+
+    resumed = {"resume": reference_checkpoint, "micro_batch_size": 3}
+    for name, extra in (("scratch", {}), ("resumed", resumed)):
+        trainer = Trainer(trainer_config(out / name, **extra))
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in trainer.encoder.named_parameters()
+                   if p.requires_grad}
+        torch.save(weights, out / f"{name}_weights_rank{rank}.pt")
+
+
+def main() -> None:
+    from mmlib.distributed import cleanup, init_distributed
+
+    out, reference_checkpoint = Path(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    assert info.world_size == WORLD and info.enabled, info
+    try:
+        for name, fn in (("toy", lambda: check_toy_gather(out, info.rank)),
+                         ("encoder", lambda: check_encoder_step(out, info.rank)),
+                         ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint))):
+            start = time.perf_counter()
+            fn()
+            print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

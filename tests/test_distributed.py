@@ -1,0 +1,241 @@
+"""Data parallelism: 2 CPU ranks (gloo, launched by torchrun) must equal one process.
+
+One torchrun launch (tests/_dist_worker.py) runs every multi-process check and saves its
+results; the tests here compare them with single-process runs on the same global batch.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmlib.data import LengthBucketSampler
+from mmlib.distributed import (
+    DistributedBatchSampler,
+    all_gather_with_grad,
+    average_gradients,
+    gather_for_loss,
+    init_distributed,
+    local_batch_size,
+    shard_batch,
+)
+from tests._dist_worker import LOSS, REPO, WORLD, grads, make_encoder, raw_inputs, trainer_config
+
+TIMEOUT_S = 300  # a hang (e.g. mismatched collectives) fails the test instead of blocking CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Single-process Trainer: 2 steps, a checkpoint after each."""
+    from mmlib.train import Trainer
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    trainer = Trainer(trainer_config(out))
+    trainer.train()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory, reference_run):
+    """Launch the 2-rank worker once; its results lie in the returned folder."""
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "_dist_worker.py"),
+           str(out), str(reference_run / "checkpoint-000001")]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-rank worker hung for {TIMEOUT_S} s; output:\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
+    print(f"2-rank worker: {time.perf_counter() - start:.1f} s\n{proc.stdout}")
+    return out
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+# ------------------------------------------------------------------------ single process
+def test_sharded_sampler_slices_concatenate_to_the_global_batch():
+    lengths = [(7 * i) % 11 + 1 for i in range(39)]  # 39 = 6 x 6 + 3: a short last batch
+    for world in (2, 3):
+        for drop_last in (False, True):
+            glob = LengthBucketSampler(lengths, 6, seed=3, drop_last=drop_last,
+                                       bucket_size_multiplier=2)
+            ranks = [DistributedBatchSampler(LengthBucketSampler(lengths, 6, seed=3,
+                                                                 drop_last=drop_last,
+                                                                 bucket_size_multiplier=2),
+                                             rank=r, world_size=world) for r in range(world)]
+            for epoch in (0, 1):
+                glob.set_epoch(epoch)
+                for s in ranks:
+                    s.set_epoch(epoch)
+                expected = list(glob)
+                per_rank = [list(s) for s in ranks]
+                assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
+                for k, batch in enumerate(expected):
+                    assert sum((p[k] for p in per_rank), []) == batch
+                    sizes = [len(p[k]) for p in per_rank]
+                    assert max(sizes) - min(sizes) <= 1
+                seen = sorted(i for p in per_rank for b in p for i in b)
+                if drop_last:
+                    assert len(set(seen)) == len(seen) == 36 and set(seen) <= set(range(39))
+                else:
+                    assert seen == list(range(39))  # every index exactly once per epoch
+            glob.set_epoch(0)
+            e0 = list(glob)
+            glob.set_epoch(1)
+            assert list(glob) != e0  # the epoch reshuffles, identically on every rank
+
+
+def test_batch_split_errors():
+    assert local_batch_size(64, 8) == 8
+    with pytest.raises(ValueError, match="divisible by the world size 3"):
+        local_batch_size(64, 3)
+    with pytest.raises(ValueError, match="cannot give each of 4 ranks"):
+        shard_batch([1, 2, 3], 0, 4)
+    with pytest.raises(ValueError, match="rank=2"):
+        DistributedBatchSampler(LengthBucketSampler([1, 2, 3], 1), rank=2, world_size=2)
+
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.enabled) == (0, 1, True, False)
+    assert not torch.distributed.is_initialized()
+    q, t, x = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4)
+    assert all_gather_with_grad(q) is q
+    gq, gt = gather_for_loss(q, t, x)
+    assert gq is q and torch.equal(gt, torch.cat([t, x]))
+    with pytest.raises(ValueError, match="at least as many rows"):
+        gather_for_loss(q, t[:2])
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    average_gradients([p])
+    assert torch.equal(p.grad, torch.full((2,), 3.0))
+
+
+# ----------------------------------------------------------------------------- two ranks
+def test_all_gather_with_grad_by_hand(dist_run):
+    """Rank r (2 + r rows) computes sum((r+1)·C·y) on the gathered y: rank r's gradient is
+    Σ_s (s+1)·C[its rows] = 3·C[its rows], the gradient of the sum of the ranks' losses."""
+    c = torch.arange(15, dtype=torch.float64).reshape(5, 3)
+    xs = [torch.arange(n * 3, dtype=torch.float64).reshape(n, 3) + 100 * r
+          for r, n in enumerate((2, 3))]
+    rows = [slice(0, 2), slice(2, 5)]
+    for r in range(WORLD):
+        got = load(dist_run / f"toy_rank{r}.pt")
+        torch.testing.assert_close(got["y"], torch.cat(xs), rtol=0, atol=0)
+        torch.testing.assert_close(got["grad"], 3 * c[rows[r]], rtol=0, atol=0)
+
+
+def test_gather_for_loss_layout(dist_run):
+    """[all queries]; [all positives in rank order, then all extra negatives in rank order]."""
+    def rows(spec):
+        return torch.tensor(spec, dtype=torch.float64)
+    q = rows([[0, 0, 0], [1, 0, 0], [1, 0, 1]])
+    t = rows([[0, 1, 0], [1, 1, 0], [1, 1, 1], [0, 2, 0], [0, 2, 1], [1, 2, 0]])
+    for r in range(WORLD):
+        got = load(dist_run / f"toy_rank{r}.pt")
+        assert torch.equal(got["q"], q) and torch.equal(got["t"], t)
+
+
+@pytest.fixture(scope="module")
+def single_process_step():
+    """Loss and gradients of one process on the whole global batch (+ every rank's extras)."""
+    enc = make_encoder()
+    texts, images, extras = raw_inputs()
+    q = enc(**enc.tokenize(texts))
+    t = torch.cat([enc(**enc.tokenize(images=images)),
+                   enc(**enc.tokenize(images=[im for ex in extras for im in ex]))])
+    loss = LOSS(q, t)
+    loss.backward()
+    return loss.detach(), grads(enc)
+
+
+def assert_grad_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """rtol 1e-5, atol 2e-6 x the tensor's largest entry: gradients here reach ~17, and summing
+    the batch in another order (two ranks, other padding) moves an entry by fp32 rounding of
+    that scale (~1e-6). A wrong row layout or a missing / extra factor W is off by O(1)."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def test_encoder_step_equals_single_process(dist_run, single_process_step):
+    """Rank r embeds rows 4r..4r+3 (+ its own extra negatives), gathers, computes the global
+    loss; after averaging, every rank's gradient is the single process's (plain and GradCache)."""
+    loss, expected = single_process_step
+    ranks = [load(dist_run / f"encoder_rank{r}.pt") for r in range(WORLD)]
+    assert len(expected) > 10
+    for r, got in enumerate(ranks):
+        for prefix in ("", "gradcache_"):
+            torch.testing.assert_close(got[f"{prefix}loss"], loss, rtol=1e-5, atol=1e-6)
+            assert got[f"{prefix}grads"].keys() == expected.keys()
+            for n, g in expected.items():
+                assert_grad_close(got[f"{prefix}grads"][n], g, f"rank {r} {prefix}{n}")
+    # Before averaging, each rank holds W x its share: their sum is W x the full gradient.
+    for n, g in expected.items():
+        assert_grad_close(sum(got["raw_grads"][n] for got in ranks), WORLD * g, f"raw {n}")
+
+
+def _assert_weights_close(got: dict, expected: dict, what: str) -> None:
+    """atol 1e-5 = 0.5% of one learning-rate step (2e-3): AdamW's g / (|g| + eps) turns fp32
+    noise on near-zero gradients into update noise (a handful of the 351k weights move ~5e-6).
+    Scale errors that AdamW and clipping hide are caught by the logged grad_norm instead."""
+    assert got.keys() == expected.keys() and len(expected) > 10
+    for n, w in expected.items():
+        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=n: f"{what}: {n}: {m}")
+
+
+def _metrics(run) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"])
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
+    """2 optimizer steps (hard negatives on, a different number per rank) on 2 ranks == 1 process:
+    same logged loss and gradient norm (before clipping), same weights, ranks in lockstep."""
+    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    written = load_file(str(dist_run / "scratch" / "checkpoint-000002" / "trainable.safetensors"))
+    _assert_weights_close(written, expected, "rank 0's checkpoint")
+    ranks = [load(dist_run / f"scratch_weights_rank{r}.pt") for r in range(WORLD)]
+    _assert_weights_close(ranks[0], expected, "rank 0")
+    for n, w in ranks[0].items():
+        assert all(torch.equal(other[n], w) for other in ranks[1:]), f"ranks drifted apart: {n}"
+    assert sorted(p.name for p in (dist_run / "scratch").iterdir()) == [
+        "checkpoint-000001", "checkpoint-000002", "final", "metrics.jsonl", "train_config.yaml"]
+    single, two = _metrics(reference_run), _metrics(dist_run / "scratch")
+    assert len(single) == len(two) == 2  # rank 0 alone logs
+    for (loss1, norm1), (loss2, norm2) in zip(single, two, strict=True):
+        assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+
+
+def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
+    """Step 1 by one process, step 2 by two ranks (GradCache on) resumed from its checkpoint
+    == 2 single-process steps."""
+    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    for r in range(WORLD):
+        _assert_weights_close(load(dist_run / f"resumed_weights_rank{r}.pt"), expected,
+                              f"resumed rank {r}")
+    (loss1, norm1), = _metrics(reference_run)[1:]
+    (loss2, norm2), = _metrics(dist_run / "resumed")
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
