@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mmlib.losses.matryoshka import resolve_dims
 from mmlib.presets import PRESETS, resolve_preset
 
 DEFAULT_MRL_DIMS: tuple[int | None, ...] = (256, 512, 1024, 2048, None)
@@ -92,7 +93,10 @@ class EncoderConfig:
 
     def resolved_mrl_dims(self) -> list[int]:
         """`mrl_dims` with None → embed_dim, validated, de-duplicated and sorted."""
-        return resolve_dims(self.mrl_dims, self.embed_dim, name="mrl_dims")
+        try:
+            return list(resolve_dims(self.mrl_dims, self.embed_dim))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"mrl_dims={self.mrl_dims!r} (embed_dim={self.embed_dim}): {e}") from e
 
     # -- presets ---------------------------------------------------------------------------
     @classmethod
@@ -151,23 +155,3 @@ def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-
-def resolve_dims(dims: Any, full: int, name: str = "dims") -> list[int]:
-    """Validate MRL dims against the full width: None → full; sorted, de-duplicated."""
-    if isinstance(dims, (int, type(None))):
-        dims = (dims,)
-    if not isinstance(dims, (list, tuple)) or len(dims) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints (or None for the "
-                         f"full width {full}), got {dims!r}")
-    out = set()
-    for d in dims:
-        if d is None:
-            out.add(full)
-            continue
-        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-            raise ValueError(f"{name} entries must be positive ints or None, got {d!r} in {dims!r}")
-        if d > full:
-            raise ValueError(f"{name} entry {d} is larger than the embedding width {full}; "
-                             f"use dims <= {full} or None for the full width")
-        out.add(d)
-    return sorted(out)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlib.losses.matryoshka import resolve_dims
+
 __all__ = [
     "cosine_similarity_matrix",
     "topk_accuracy",
@@ -87,10 +89,7 @@ def _resolve_dims(dims: Sequence[int | None] | None, full: int) -> list[int]:
     if dims is None:
         # Powers of two from 8 below the full width, then the full width itself.
         dims = [2**i for i in range(3, full.bit_length()) if 2**i < full] + [full]
-    out = sorted({_check_dim(d, full) for d in dims})
-    if not out:
-        raise ValueError("dims is empty; pass e.g. (64, 128, None)")
-    return out
+    return list(resolve_dims(dims, full))
 
 
 def _prefix_normalize(x: Tensor, dim: int) -> Tensor:

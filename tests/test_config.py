@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from mmlib.config import EncoderConfig, resolve_dims
+from mmlib.config import EncoderConfig
 from mmlib.presets import build_backbone_config
 
 
@@ -21,9 +21,8 @@ def test_bad_mrl_dims_name_the_field(dims):
         EncoderConfig(mrl_dims=dims, embed_dim=2048)
 
 
-def test_resolve_dims_sorts_dedups_and_maps_none():
-    assert resolve_dims([64, None, 8, 64], 128) == [8, 64, 128]
-    assert resolve_dims(None, 32) == [32]
+def test_mrl_dims_sorted_deduplicated_none_is_full():
+    assert EncoderConfig(mrl_dims=[64, None, 8, 64], embed_dim=128).resolved_mrl_dims() == [8, 64, 128]
 
 
 @pytest.mark.parametrize("field,value", [("freeze_backbone", "half"), ("mixed_precision", "fp8"),
