@@ -1,0 +1,21 @@
+"""Contrastive losses for Matryoshka embeddings (one loss per module)."""
+
+from .hard_negatives import ContrastiveLossWithHardNegatives
+from .matryoshka import (
+    DEFAULT_DIMS,
+    matryoshka_in_batch_negative_loss,
+    resolve_dims,
+    resolve_dims_and_weights,
+)
+from .multilevel import MultiLevelContrastiveLoss
+from .temperature import LearnableTemperature
+
+__all__ = [
+    "DEFAULT_DIMS",
+    "ContrastiveLossWithHardNegatives",
+    "LearnableTemperature",
+    "MultiLevelContrastiveLoss",
+    "matryoshka_in_batch_negative_loss",
+    "resolve_dims",
+    "resolve_dims_and_weights",
+]
