@@ -194,3 +194,25 @@ def test_all_padding_row_is_an_error(tiny_encoder):
 def test_flash_attention_missing_is_a_clear_error():
     with pytest.raises(ImportError, match="requirements-gpu.txt"):
         make(attn_implementation="flash_attention_2")
+
+
+def test_multilevel_loss_over_encoder_layers(tiny_encoder):
+    """2D Matryoshka: per-layer embeddings from one forward feed MultiLevelContrastiveLoss,
+    which equals the sum of the per-layer MRL losses; layer 1's level reaches only layer 1."""
+    from mmlib.losses import MultiLevelContrastiveLoss, matryoshka_in_batch_negative_loss
+
+    texts = tiny_encoder.tokenize([SHORT, LONG, "blue"])
+    images = tiny_encoder.tokenize(images=[noise_image(i) for i in range(3)])
+    q = tiny_encoder.forward_layers(texts, layers=[1, -1])
+    t = tiny_encoder.forward_layers(images, layers=[1, -1])
+    loss_fn = MultiLevelContrastiveLoss(dims=(16, None))
+    loss, details = loss_fn({k: (q[k], t[k]) for k in q}, return_details=True)
+    assert set(details) == {(1, 16), (1, 2048), (-1, 16), (-1, 2048)}
+    expected = sum(matryoshka_in_batch_negative_loss(q[k], t[k], dims=(16, None)) for k in q)
+    torch.testing.assert_close(loss, expected)
+    tiny_encoder.zero_grad(set_to_none=True)
+    loss_fn({1: (q[1], t[1])}).backward()
+    blocks = tiny_encoder.qwen.language_model.layers
+    assert blocks[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert blocks[1].mlp.down_proj.weight.grad is None  # above the level: untouched
+    tiny_encoder.zero_grad(set_to_none=True)
