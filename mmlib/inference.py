@@ -1,0 +1,227 @@
+"""Encoding corpora larger than memory to disk, in resumable chunks.
+
+    out = encode_to_disk(enc, texts=corpus, out_dir="emb/corpus", dim=512)
+    emb = load_embeddings(out)                   # (N, 512) float32 numpy array
+
+The inputs are cut into chunks of `chunk_size` (each chunk is length-sorted and batched by
+`encode`, then written in input order), so only one chunk of embeddings is ever in memory.
+Each chunk goes to `embeddings-00000.safetensors` (or `.npy`), written to a temporary name
+and renamed, so a file with the final name is always complete. `index.json` records the
+count, dim, dtype, chunk files, a fingerprint of the inputs and the model config. Run the
+same call again after an interruption: chunks already on disk (with the right row count
+and dim) are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from mmlib.processing import ImageLike
+
+INDEX_FILE = "index.json"
+TENSOR_NAME = "embeddings"
+FORMATS = {"safetensors": ".safetensors", "npy": ".npy"}
+DTYPES = {"float32": np.float32, "float16": np.float16}
+# Config fields that change the embeddings (checked on resume; the weights themselves are not).
+_MODEL_KEYS = ("model_path", "embed_dim", "max_length", "use_lora", "lora_r")
+
+
+def encode_to_disk(
+    encoder: Any,
+    texts: Sequence[str | None] | None = None,
+    images: Sequence[ImageLike | None] | None = None,
+    *,
+    out_dir: str | os.PathLike,
+    dim: int | None = None,
+    chunk_size: int = 10_000,
+    format: str = "safetensors",
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Embed texts and/or images (paired by index, as in `encode`) chunk by chunk into
+    `out_dir`; resumable. Returns `out_dir` (read it with `load_embeddings`)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if texts is None and images is None:
+        raise ValueError("encode_to_disk needs texts, images or both")
+    n = len(texts if texts is not None else images)
+    if n == 0:
+        raise ValueError("nothing to encode: the inputs are empty")
+    if texts is not None and images is not None and len(texts) != len(images):
+        raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
+                         f"and {len(images)} images")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)
+                            or not 0 < dim <= encoder.embed_dim):
+        raise ValueError(f"dim must be an int in [1, {encoder.embed_dim}] or None, got {dim!r}")
+    width = encoder.embed_dim if dim is None else dim
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = FORMATS[format]
+    chunks = [{"file": f"embeddings-{k:05d}{ext}", "start": start,
+               "count": min(chunk_size, n - start)}
+              for k, start in enumerate(range(0, n, chunk_size))]
+    index = {
+        "count": n,
+        "dim": width,
+        "dtype": dtype,
+        "format": format,
+        "chunk_size": chunk_size,
+        "fingerprint": _fingerprint(texts, images),
+        "chunks": chunks,
+        "complete": False,
+        "model_config": encoder.config.to_dict(),
+    }
+    index["model_identity"] = {k: index["model_config"][k] for k in _MODEL_KEYS}
+    _check_resumable(out / INDEX_FILE, index)
+    _write_json(out / INDEX_FILE, index)
+
+    bar = tqdm(total=n, disable=not show_progress, desc="encode_to_disk", unit="input")
+    with bar:
+        for chunk in chunks:
+            path = out / chunk["file"]
+            start, count = chunk["start"], chunk["count"]
+            if _rows_on_disk(path, width) == count:
+                bar.update(count)
+                continue
+            part = slice(start, start + count)
+            emb = encoder.encode(texts=texts[part] if texts is not None else None,
+                                 images=images[part] if images is not None else None,
+                                 dim=dim, batch_size=batch_size, max_tokens=max_tokens,
+                                 show_progress=False, callback=bar.update)
+            _write_chunk(path, emb.numpy().astype(DTYPES[dtype], copy=False))
+    index["complete"] = True
+    _write_json(out / INDEX_FILE, index)
+    return out
+
+
+def load_embeddings(out_dir: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """(N, d) embeddings written by `encode_to_disk`, in input order.
+
+    The result is one array in memory, filled chunk by chunk (with `mmap=True`, `.npy` chunks
+    are memory-mapped, so no chunk is held twice); a single `.npy` chunk is returned as the
+    memory map itself. Use `iter_embeddings` to stream a corpus that does not fit in memory.
+    """
+    index = read_index(out_dir)
+    parts = [array for _, array in iter_embeddings(out_dir, mmap=mmap)]
+    if len(parts) == 1:
+        return parts[0]
+    out = np.empty((index["count"], index["dim"]), dtype=DTYPES[index["dtype"]])
+    start = 0
+    for array in parts:
+        out[start:start + len(array)] = array
+        start += len(array)
+    return out
+
+
+def iter_embeddings(out_dir: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """(start row, chunk array) for each chunk of an `encode_to_disk` folder, in order."""
+    out = Path(out_dir)
+    index = read_index(out)
+    for chunk in index["chunks"]:
+        path = out / chunk["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run encode_to_disk again with the same "
+                                    "inputs to write it")
+        if path.suffix == ".npy":
+            array = np.load(path, mmap_mode="r" if mmap else None)
+        else:
+            with safe_open(str(path), framework="np") as f:
+                array = f.get_tensor(TENSOR_NAME)
+        if array.shape != (chunk["count"], index["dim"]):
+            raise ValueError(f"{path} holds {array.shape}, expected ({chunk['count']}, "
+                             f"{index['dim']}): delete it and run encode_to_disk again")
+        yield chunk["start"], array
+
+
+def read_index(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `index.json` of a finished `encode_to_disk` folder."""
+    path = Path(out_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out_dir} an encode_to_disk folder?")
+    index = json.loads(path.read_text())
+    if not index.get("complete"):
+        raise ValueError(f"{out_dir} is incomplete (interrupted?): run encode_to_disk again with "
+                         "the same inputs to finish it")
+    return index
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _check_resumable(path: Path, index: dict[str, Any]) -> None:
+    """An existing index must describe the same job, or resuming would mix two corpora."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    keys = ("count", "dim", "dtype", "format", "chunk_size", "fingerprint", "model_identity")
+    changed = [k for k in keys if old.get(k) != index[k]]
+    if changed:
+        raise ValueError(f"{path.parent} already holds embeddings of a different job (differs in "
+                         f"{changed}); use a new out_dir or delete the old one")
+
+
+def _fingerprint(texts: Sequence | None, images: Sequence | None) -> str:
+    """sha256 of the inputs (texts, image paths, or the pixels of in-memory images)."""
+    h = hashlib.sha256()
+    for name, items in (("texts", texts), ("images", images)):
+        if items is None:
+            continue
+        h.update(name.encode())
+        for item in items:
+            if item is None:
+                h.update(b"\x00none")
+            elif isinstance(item, str):
+                h.update(b"\x00s" + item.encode("utf-8", "surrogatepass"))
+            elif isinstance(item, os.PathLike):
+                h.update(b"\x00p" + os.fspath(item).encode("utf-8", "surrogatepass"))
+            elif hasattr(item, "tobytes"):  # a PIL image
+                h.update(f"\x00i{item.mode}{item.size}".encode() + item.tobytes())
+            else:
+                h.update(b"\x00r" + repr(item).encode())
+    return h.hexdigest()
+
+
+def _rows_on_disk(path: Path, width: int) -> int | None:
+    """Row count of a complete chunk file of the right width, else None (read headers only)."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".npy":
+            shape = np.load(path, mmap_mode="r").shape
+        else:
+            with safe_open(str(path), framework="np") as f:
+                shape = tuple(f.get_slice(TENSOR_NAME).get_shape())
+    except Exception:
+        return None  # unreadable: written again
+    return shape[0] if len(shape) == 2 and shape[1] == width else None
+
+
+def _write_chunk(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary name, then rename: a file with the final name is complete."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix == ".npy":
+        np.save(tmp, array)
+    else:
+        save_file({TENSOR_NAME: np.ascontiguousarray(array)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
