@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mmlib.backbone import (
     load_backbone,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mmlib.processing import ImageLike
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mmlib.config import EncoderConfig
 from mmlib.data import ImageTextCollator, ImageTextDataset, LengthBucketSampler, text_lengths
@@ -312,7 +312,7 @@ class Trainer:
                     self.log({"split": "train", "epoch": self.epoch, **stats,
                               "elapsed_s": round(time.perf_counter() - start, 3)})
                 if (cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
-                        and main):
+                        and main and self.eval_set is not None):
                     self.evaluate()  # the other ranks wait in the next step's gather
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()

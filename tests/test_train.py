@@ -114,6 +114,11 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.load(path)
 
 
+def test_periodic_eval_without_eval_split_is_skipped(tmp_path):
+    trainer = Trainer(small_config(tmp_path, max_steps=2, eval_every=1))
+    assert trainer.train()["steps"] == 2 and trainer.eval_set is None
+
+
 def test_batch_larger_than_dataset_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(small_config(tmp_path, encoder={"batch_size": 10_000}))
