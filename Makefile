@@ -10,7 +10,7 @@ export MMLIB_CACHE ?= $(CURDIR)/.cache/mmlib
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install tiny demo test lint lab bench clean
+.PHONY: install tiny train demo test lint lab bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,20 @@ install: $(STAMP)
 tiny: install
 	$(BIN)/python -m mmlib.tiny
 
-demo: tiny
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+# The two runs of the Matryoshka comparison (notebook 05 loads them when present).
+runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(STAMP)
+	$(BIN)/python -m mmlib.train --config $< --set output_dir=runs/tiny_$*
+
+train: tiny runs/tiny_mrl/final/mmlib_config.json runs/tiny_full/final/mmlib_config.json
+
+demo: train
 	$(BIN)/python -m mmlib.demo
+	$(BIN)/python -m mmlib.run_notebooks --out outputs
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests notebooks $(NBVAL)
 
 lint: install
 	$(BIN)/ruff check .
@@ -38,6 +47,8 @@ lab: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_losses.py
+	$(BIN)/python benchmarks/bench_encoder.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .cache outputs runs
