@@ -33,7 +33,7 @@ from mmlib.backbone import (
 from mmlib.config import EncoderConfig
 from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
-from mmlib.processing import ImageLike, build_inputs, format_prompt
+from mmlib.processing import ImageLike, build_inputs, count_inputs, format_prompt
 
 logger = logging.getLogger("mmlib")
 
@@ -244,15 +244,11 @@ class MultimodalEncoder(nn.Module):
         finished batch. `config.extra["compile"] = True` compiles the language model at the
         first call (see `compile_for_inference`).
         """
-        if texts is None and images is None:
-            raise ValueError("encode needs texts, images or both")
         if texts is not None:
             _check_list("texts", texts, allow_none=images is not None)
         if images is not None:
             _check_list("images", images, allow_none=texts is not None)
-        if texts is not None and images is not None and len(texts) != len(images):
-            raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
-                             f"and {len(images)} images")
+        count_inputs(texts, images, "encode")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from mmlib.processing import ImageLike
+from mmlib.processing import ImageLike, count_inputs
 
 INDEX_FILE = "index.json"
 TENSOR_NAME = "embeddings"
@@ -58,14 +58,7 @@ def encode_to_disk(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if texts is None and images is None:
-        raise ValueError("encode_to_disk needs texts, images or both")
-    n = len(texts if texts is not None else images)
-    if n == 0:
-        raise ValueError("nothing to encode: the inputs are empty")
-    if texts is not None and images is not None and len(texts) != len(images):
-        raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
-                         f"and {len(images)} images")
+    n = count_inputs(texts, images, "encode_to_disk")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)
                             or not 0 < dim <= encoder.embed_dim):
         raise ValueError(f"dim must be an int in [1, {encoder.embed_dim}] or None, got {dim!r}")

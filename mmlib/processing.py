@@ -60,6 +60,19 @@ def _truncate(tokenizer: Any, text: str, max_length: int | None) -> str:
     return text if len(ids) <= max_length else tokenizer.decode(ids[:max_length])
 
 
+def count_inputs(texts: Sequence[Any] | None, images: Sequence[Any] | None, caller: str) -> int:
+    """Number of inputs of a texts/images call: item i is texts[i] and/or images[i]."""
+    if texts is None and images is None:
+        raise ValueError(f"{caller} needs texts, images or both")
+    n = len(texts if texts is not None else images)
+    if n == 0:
+        raise ValueError(f"{caller}: empty input, pass at least one text or image")
+    if texts is not None and images is not None and len(texts) != len(images):
+        raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
+                         f"and {len(images)} images")
+    return n
+
+
 def build_inputs(
     processor: Any,
     texts: Sequence[str | None] | None = None,
@@ -71,14 +84,7 @@ def build_inputs(
     `max_length` caps the text tokens of each input (image tokens are never cut, which would
     break the image/token correspondence).
     """
-    if texts is None and images is None:
-        raise ValueError("build_inputs needs texts, images or both")
-    n = len(texts if texts is not None else images)
-    if n == 0:
-        raise ValueError("empty input: pass at least one text or image")
-    if texts is not None and images is not None and len(texts) != len(images):
-        raise ValueError(f"texts and images pair up one to one, got {len(texts)} texts "
-                         f"and {len(images)} images")
+    n = count_inputs(texts, images, "build_inputs")
     texts = list(texts) if texts is not None else [None] * n
     images = list(images) if images is not None else [None] * n
     prompts, pil_images = [], []
