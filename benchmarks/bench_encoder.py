@@ -206,7 +206,10 @@ def build(args, device: torch.device, attn: str, compiled: bool):
         cfg = EncoderConfig(model_path=args.model or "tiny", device="cpu", attn_implementation=attn)
     encoders = {"plain": MultimodalEncoder(cfg).eval()}
     if compiled:
-        encoders["compiled"] = MultimodalEncoder(cfg).eval().compile_for_inference()
+        twin = MultimodalEncoder(cfg).eval()
+        # Same weights: the backbone is deterministic, the projection head is not.
+        twin.projection.load_state_dict(encoders["plain"].projection.state_dict())
+        encoders["compiled"] = twin.compile_for_inference()
     return encoders
 
 
