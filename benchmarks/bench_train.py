@@ -66,7 +66,8 @@ def build_encoder(args) -> MultimodalEncoder:
 def build_pairs(enc: MultimodalEncoder, n: int, args) -> tuple[dict, dict]:
     """n (text query, image target) pairs: texts of exactly `text_tokens` tokens, noise images."""
     tok = enc.processor.tokenizer
-    words = [w for w in WORDS if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    words = [w for w in WORDS if all(len(tok(x, add_special_tokens=False)["input_ids"]) == 1
+                                     for x in (w, " " + w))]
     rng = random.Random(0)
     texts = [" ".join(rng.choice(words) for _ in range(args.text_tokens)) for _ in range(n)]
     queries = build_inputs(enc.processor, texts=texts)
