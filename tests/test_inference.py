@@ -167,7 +167,7 @@ def test_compile_flag_is_wired(monkeypatch):
 
 
 @pytest.mark.skipif(os.environ.get("MMLIB_TEST_COMPILE") != "1" or not hasattr(torch, "compile"),
-                    reason="real torch.compile takes 30-60 s on CPU; set MMLIB_TEST_COMPILE=1")
+                    reason="real torch.compile: ~15 s on 2 idle CPU cores, 40 s under load; MMLIB_TEST_COMPILE=1")
 def test_compiled_encoder_matches_eager():
     texts = texts_of_mixed_length(40, seed=4)
     enc = MultimodalEncoder(EncoderConfig(device="cpu"))
