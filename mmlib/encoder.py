@@ -298,11 +298,6 @@ class MultimodalEncoder(nn.Module):
     def _is_compiled(self) -> bool:
         return getattr(self.qwen.language_model, "_compiled_call_impl", None) is not None
 
-    def _length_order(self, texts, images) -> list[int]:
-        """Input indices sorted by token count (text tokens + image tokens)."""
-        costs = _InputPlan(self, texts, images).costs
-        return sorted(range(len(costs)), key=costs.__getitem__)
-
     # -- save / load -----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, save_backbone: bool | None = None) -> Path:
         """Write config, projection (safetensors), processor, and the backbone or LoRA adapter.
