@@ -55,10 +55,15 @@ class MultimodalEncoder(nn.Module):
         self.config = config.replace(**overrides) if overrides else config
         self.backbone, self.processor = load_backbone(self.config, _backbone_path)
         hidden = self.qwen.config.text_config.hidden_size
-        self.projection = ProjectionHead(hidden, self.config.embed_dim).to(self.input_device)
-        self._apply_freezing()
-        if self.config.use_lora:
-            self._add_lora()
+        # Fresh weights (head, LoRA) come from config.seed, not from the global RNG: two
+        # encoders built from one config are identical, and building one draws no numbers
+        # from the caller's stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.projection = ProjectionHead(hidden, self.config.embed_dim).to(self.input_device)
+            self._apply_freezing()
+            if self.config.use_lora:
+                self._add_lora()
         if self.config.gradient_checkpointing:
             self.qwen.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
@@ -237,9 +242,11 @@ class MultimodalEncoder(nn.Module):
 
         Inputs are sorted by token count and batched so that similar lengths share a batch
         (little padding), then returned in the original order, on the CPU, in float32.
-        Texts are tokenized once for the whole call. `max_tokens` caps each batch's padded
-        size (rows x longest input) instead of its row count (`batch_size` then caps rows only
-        when given). `prefetch` builds the next batch in a background thread while the model
+        Texts are tokenized once for the whole call. Batches are token budgets: each holds at
+        most `max_tokens` padded tokens (rows x its longest input); by default the budget is
+        `batch_size` (default `config.batch_size`) rows of the longest input of the call, so
+        memory stays that of fixed batches of `batch_size` while short inputs share larger
+        batches. With both given, `batch_size` also caps the rows of a batch. `prefetch` builds the next batch in a background thread while the model
         runs (default: on for CUDA). `callback(n)` is called with the row count of each
         finished batch. `config.extra["compile"] = True` compiles the language model at the
         first call (see `compile_for_inference`).
@@ -254,10 +261,17 @@ class MultimodalEncoder(nn.Module):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         if self.config.extra.get("compile") and not self._is_compiled():
             self.compile_for_inference()
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         plan = _InputPlan(self, texts, images)
         order = sorted(range(len(plan)), key=plan.costs.__getitem__)
         if max_tokens is None:
-            batch_size = batch_size or self.config.batch_size
+            # The budget of `batch_size` rows of the longest input: no batch holds more padded
+            # tokens (so no more memory) than a fixed-size batch that contains the longest
+            # input, while short inputs share proportionally larger batches.
+            max_tokens = (batch_size or self.config.batch_size) * max(1, max(plan.costs))
+            batch_size = None
         batches = list(_batches(order, batch_size, plan.costs, max_tokens))
         show = show_progress if show_progress is not None else len(batches) > 8
         if prefetch is None:
@@ -269,7 +283,8 @@ class MultimodalEncoder(nn.Module):
             bar = tqdm(total=len(plan), disable=not show, desc="encode", unit="input")
             with bar, _prefetched(map(plan.batch, batches), enabled=prefetch) as prepared:
                 for batch in prepared:
-                    chunks.append(self.forward(**batch, dim=dim).float().cpu())
+                    # self(...), not self.forward: module hooks (FSDP's all-gather) must run.
+                    chunks.append(self(**batch, dim=dim).float().cpu())
                     rows = chunks[-1].shape[0]
                     bar.update(rows)
                     if callback is not None:

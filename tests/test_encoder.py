@@ -221,3 +221,23 @@ def test_multilevel_loss_over_encoder_layers(tiny_encoder):
     assert blocks[0].mlp.down_proj.weight.grad.abs().sum() > 0
     assert blocks[1].mlp.down_proj.weight.grad is None  # above the level: untouched
     tiny_encoder.zero_grad(set_to_none=True)
+
+
+def test_fresh_weights_come_from_config_seed():
+    """Head and LoRA init depend on `config.seed` only, and leave the global RNG alone."""
+    def trainable(enc):
+        return {n: p.detach().clone() for n, p in enc.named_parameters() if p.requires_grad
+                and (n.startswith("projection.") or "lora_" in n)}
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = trainable(make(use_lora=True, lora_r=4))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # a different global stream must not matter
+    b = trainable(make(use_lora=True, lora_r=4))
+    c = trainable(make(use_lora=True, lora_r=4, seed=1))
+    assert any("lora_A" in n for n in a) and a.keys() == b.keys() == c.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    differs = [n for n in a if not torch.equal(a[n], c[n])]
+    assert "projection.fc1.weight" in differs and any("lora_A" in n for n in differs)

@@ -126,6 +126,28 @@ def test_encode_with_token_budget_and_prefetch_matches_one_by_one(tiny_encoder):
         tiny_encoder.encode_texts(texts, max_tokens=0)
 
 
+def test_default_batches_are_a_budget_of_batch_size_longest_inputs(tiny_encoder):
+    """Default: no batch pads to more tokens than `batch_size` rows of the longest input (the
+    memory of fixed-size batches), yet short inputs share larger batches; order is kept."""
+    texts = texts_of_mixed_length(40, seed=5, low=1, high=30)
+    shapes = []
+    hook = tiny_encoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = tiny_encoder.encode_texts(texts, batch_size=4)
+    finally:
+        hook.remove()
+    longest = int(tiny_encoder.tokenize(texts)["attention_mask"].sum(1).max())
+    assert sum(rows for rows, _ in shapes) == len(texts)
+    assert all(rows * width <= 4 * longest for rows, width in shapes)
+    assert max(rows for rows, _ in shapes) > 4  # short texts: more rows than batch_size
+    assert shapes[-1][1] == longest
+    torch.testing.assert_close(got, one_by_one(tiny_encoder, texts), atol=1e-5, rtol=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            tiny_encoder.encode_texts(texts, batch_size=bad)
+
+
 def test_mixed_images_and_texts_with_token_budget(tiny_encoder, tmp_path):
     path = tmp_path / "img.png"
     noise_image(9, 84, 112).save(path)
