@@ -44,6 +44,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "local_batch_size",
+    "max_over_ranks",
     "shard_batch",
 ]
 
@@ -156,6 +157,14 @@ def gather_sizes(sizes: int | Sequence[int], device: torch.device | str = "cpu")
         out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(out, local)
     return [int(t[0]) if one else t.tolist() for t in out]
+
+
+def max_over_ranks(values: Sequence[int], device: torch.device | str = "cpu") -> list[int]:
+    """Element-wise maximum of every rank's integers (the values themselves in one process)."""
+    local = torch.tensor(list(values), dtype=torch.long, device=device)
+    if is_distributed():
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return local.tolist()
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

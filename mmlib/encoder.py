@@ -314,25 +314,35 @@ class MultimodalEncoder(nn.Module):
         return getattr(self.qwen.language_model, "_compiled_call_impl", None) is not None
 
     # -- save / load -----------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, save_backbone: bool | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, save_backbone: bool | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write config, projection (safetensors), processor, and the backbone or LoRA adapter.
 
         `save_backbone=None` saves the full backbone only when its own weights train
         (no LoRA, not fully frozen); otherwise the base model is referenced by `model_path`
-        and only the adapter (if any) is written.
+        and only the adapter (if any) is written. `state_dict` (this module's full state
+        dict, e.g. `mmlib.fsdp.full_state_dict` of a sharded encoder) replaces the weights
+        read from the module itself.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if save_backbone is None:
             save_backbone = not self.config.use_lora and self.config.freeze_backbone != "all"
+        parts: dict[str, dict[str, torch.Tensor] | None] = {"backbone.": None, "projection.": None}
+        if state_dict is not None:
+            for prefix in parts:
+                parts[prefix] = {k[len(prefix):]: v for k, v in state_dict.items()
+                                 if k.startswith(prefix)}
         with quiet_hf():
             if self.config.use_lora:
-                self.backbone.save_pretrained(path / ADAPTER_DIR)
+                self.backbone.save_pretrained(path / ADAPTER_DIR, state_dict=parts["backbone."])
             elif save_backbone:
                 # A complete Qwen2.5-VL folder: loadable on its own with from_pretrained.
-                self.qwen.save_pretrained(path / BACKBONE_DIR, safe_serialization=True)
+                self.qwen.save_pretrained(path / BACKBONE_DIR, safe_serialization=True,
+                                          state_dict=parts["backbone."])
                 self.processor.save_pretrained(path / BACKBONE_DIR)
-        proj = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+        proj = parts["projection."] or self.projection.state_dict()
+        proj = {k: v.detach().cpu().contiguous() for k, v in proj.items()}
         save_file(proj, str(path / PROJECTION_FILE))
         self.processor.save_pretrained(path)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")

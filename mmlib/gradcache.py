@@ -77,23 +77,31 @@ class _RngState:
             yield
 
 
-def _embed(encoder: Callable[..., torch.Tensor], batches: Sequence[Batch]) -> tuple[torch.Tensor, list]:
+def _embed(encoder: Callable[..., torch.Tensor], batches: Sequence[Batch],
+           dummies: int = 0) -> tuple[torch.Tensor, list]:
     states, embs = [], []
     with torch.no_grad():
         for mb in batches:
             states.append(_RngState())
             embs.append(encoder(**mb))
+        for _ in range(dummies):
+            with _RngState().replay():  # leaves the RNG stream as if it never ran
+                encoder(**split_batch(batches[0], 1)[0])
     return torch.cat(embs), states
 
 
 def _backprop(encoder: Callable[..., torch.Tensor], batches: Sequence[Batch], states: list,
-              grad: torch.Tensor) -> None:
+              grad: torch.Tensor, dummies: int = 0) -> None:
     start = 0
     for mb, state in zip(batches, states, strict=True):
         with state.replay():
             emb = encoder(**mb)
         emb.backward(grad[start:start + emb.shape[0]].to(emb.dtype))
         start += emb.shape[0]
+    for _ in range(dummies):  # a zero gradient: parameters unchanged, collectives matched
+        with _RngState().replay():
+            emb = encoder(**split_batch(batches[0], 1)[0])
+        emb.backward(torch.zeros_like(emb))
 
 
 def gradcache_step(
@@ -104,24 +112,32 @@ def gradcache_step(
     micro_batch_size: int,
     extra_targets: Batch | None = None,
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    align: Callable[[list[int]], list[int]] | None = None,
 ) -> torch.Tensor:
     """Loss of the full batch with parameter gradients accumulated micro-batch by micro-batch.
 
     `encoder(**batch)` returns embeddings; `loss_fn(q, t)` is any contrastive loss (its own
     parameters, e.g. a learnable temperature, get their gradients too). `extra_targets` are
     appended to the targets (extra negatives). `scale` (e.g. `GradScaler.scale`) is applied
-    to the loss before its backward. Returns the detached loss.
+    to the loss before its backward. `align` maps this process's micro-batch counts
+    `[queries, targets]` to the counts to run (under FSDP: the maximum over ranks, since every
+    rank must run every forward and backward); missing ones run a one-row dummy whose
+    gradient is zero. Returns the detached loss.
     """
     q_batches = split_batch(query, micro_batch_size)
     t_batches = split_batch(target, micro_batch_size)
     if extra_targets is not None:
         t_batches += split_batch(extra_targets, micro_batch_size)
-    q, q_states = _embed(encoder, q_batches)
-    t, t_states = _embed(encoder, t_batches)
+    q_pad = t_pad = 0
+    if align is not None:
+        nq, nt = align([len(q_batches), len(t_batches)])
+        q_pad, t_pad = nq - len(q_batches), nt - len(t_batches)
+    q, q_states = _embed(encoder, q_batches, q_pad)
+    t, t_states = _embed(encoder, t_batches, t_pad)
     q.requires_grad_(True)
     t.requires_grad_(True)
     loss = loss_fn(q, t)
     (scale(loss) if scale is not None else loss).backward()
-    _backprop(encoder, q_batches, q_states, q.grad)
-    _backprop(encoder, t_batches, t_states, t.grad)
+    _backprop(encoder, q_batches, q_states, q.grad, q_pad)
+    _backprop(encoder, t_batches, t_states, t.grad, t_pad)
     return loss.detach()

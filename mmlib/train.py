@@ -15,6 +15,8 @@ global batch: each rank embeds batch_size / W pairs, the embeddings are gathered
 so that every rank computes the loss of the whole global batch, gradients are averaged, and a
 step equals the single-process step on the same global batch (see mmlib/distributed.py). Rank
 0 logs, evaluates and writes checkpoints; checkpoints do not depend on the world size.
+`fsdp: true` also shards weights, gradients and optimizer moments over the ranks, for models
+that do not fit one GPU (mmlib/fsdp.py); the step and the checkpoints stay the same.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ from mmlib.distributed import (
     gather_for_loss,
     init_distributed,
     local_batch_size,
+    max_over_ranks,
 )
 from mmlib.encoder import MultimodalEncoder
 from mmlib.evaluation import evaluate_dataset
-from mmlib.gradcache import gradcache_step
+from mmlib.fsdp import full_state_dict, full_tensor, load_full_tensor, shard_encoder
+from mmlib.gradcache import gradcache_step, split_batch
 from mmlib.losses import matryoshka_in_batch_negative_loss
 
 logger = logging.getLogger("mmlib")
@@ -79,6 +83,7 @@ class TrainConfig:
     log_every: int = 10
     output_dir: str = "runs/tiny"
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -163,9 +168,17 @@ class Trainer:
                                  "cannot be combined with torchrun data parallelism (one GPU per "
                                  "rank): set device_map to null or launch a single process")
             local_batch_size(enc_cfg.batch_size, self.dist.world_size)  # raises if uneven
+        elif config.fsdp:
+            raise ValueError("fsdp=true shards the model over torchrun processes; launch with "
+                             "torchrun --nproc_per_node N (N >= 2) or set fsdp to false")
         torch.manual_seed(config.encoder.seed)
         self.encoder = encoder or MultimodalEncoder(config.encoder)
         broadcast_parameters(self.encoder)  # every rank starts from rank 0's weights
+        if config.fsdp:
+            if self.encoder.amp_dtype == torch.float16:
+                raise ValueError("fsdp=true does not support fp16 mixed precision (its loss "
+                                 "scaler cannot see sharded gradients): use bf16 or fp32")
+            shard_encoder(self.encoder)  # before the optimizer: parameters become shards
         self.out = Path(config.output_dir)
         self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
                                           direction=config.direction, skip_bad=config.skip_bad,
@@ -221,14 +234,24 @@ class Trainer:
         if accum > 1:
             loss_fn = lambda q, t: self._loss(q, t) / accum  # noqa: E731
         mb = self.config.micro_batch_size
+        # Under FSDP every forward and backward is a collective (layers are gathered), so all
+        # ranks must run the same ones, even when their hard-negative counts differ.
+        align = functools.partial(max_over_ranks, device=self.encoder.device) \
+            if self.config.fsdp else None
         if mb is not None and mb < batch["query"]["input_ids"].shape[0]:
             return gradcache_step(self.encoder, batch["query"], batch["target"], loss_fn, mb,
                                   extra_targets=batch["hard_negatives"],
-                                  scale=self.scaler.scale) * accum
+                                  scale=self.scaler.scale, align=align) * accum
         q = self.encoder(**batch["query"])
         targets = [self.encoder(**batch["target"])]
-        if batch["hard_negatives"] is not None:
-            targets.append(self.encoder(**batch["hard_negatives"]))
+        hard = batch["hard_negatives"]
+        any_hard = align([hard is not None])[0] if align is not None else hard is not None
+        if hard is not None:
+            targets.append(self.encoder(**hard))
+        elif any_hard:
+            # Another rank embeds hard negatives: run a one-row dummy in the same place and keep
+            # none of its rows (zero gradient, same graph shape, so the same collectives).
+            targets.append(self.encoder(**split_batch(batch["target"], 1)[0])[:0])
         loss = loss_fn(q, torch.cat(targets))
         self.scaler.scale(loss).backward()
         return loss.detach() * accum
@@ -239,7 +262,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = [self._batch_loss(b) for b in batches]
         params = [p for p in self.encoder.parameters() if p.requires_grad]
-        if self.dist.enabled:
+        if self.dist.enabled and not self.config.fsdp:  # FSDP's reduce-scatter averages itself
             # Rank r's gradient is W x the part of the global loss's gradient that flows through
             # its rows (the gather's backward sums over the W ranks, which all compute the same
             # loss); the mean over ranks is therefore the single-process gradient exactly (the
@@ -252,7 +275,8 @@ class Trainer:
             average_gradients(params)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.encoder.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        grad_norm = full_tensor(  # under FSDP, a norm over every rank's shards
+            torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -290,6 +314,8 @@ class Trainer:
         """Run until `max_steps`; returns the final evaluation (and timing)."""
         cfg = self.config
         main = self.dist.is_main  # only rank 0 writes files, logs and evaluates
+        # Under FSDP every forward needs every rank (to gather the layers): all ranks evaluate.
+        evaluates = (main or cfg.fsdp) and self.eval_set is not None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg_path = self.out / "train_config.yaml"
@@ -312,7 +338,7 @@ class Trainer:
                     self.log({"split": "train", "epoch": self.epoch, **stats,
                               "elapsed_s": round(time.perf_counter() - start, 3)})
                 if (cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
-                        and main and self.eval_set is not None):
+                        and evaluates):
                     self.evaluate()  # the other ranks wait in the next step's gather
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
@@ -325,19 +351,23 @@ class Trainer:
         bar.close()
         train_time = time.perf_counter() - start
         self.save_checkpoint()
+        weights = full_state_dict(self.encoder, main) if cfg.fsdp else None
         if main:
-            self.encoder.save_pretrained(self.out / "final")
+            self.encoder.save_pretrained(self.out / "final", state_dict=weights)
+        del weights
         barrier()  # every rank returns once the final model is written
         result = {"train_time_s": train_time, "steps": self.step}
-        if self.eval_set is not None and main:
+        if evaluates:
             df = self.evaluate()
-            df.to_csv(self.out / "eval.csv")
-            result["eval"] = df
+            if main:
+                df.to_csv(self.out / "eval.csv")
+                result["eval"] = df
         return result
 
     def evaluate(self):
         """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame."""
-        df = evaluate_dataset(self.encoder, self.eval_set, dims=self.config.encoder.mrl_dims)
+        df = evaluate_dataset(self.encoder, self.eval_set, dims=self.config.encoder.mrl_dims,
+                              show_progress=None if self.dist.is_main else False)
         for dim, row in df.iterrows():
             self.log({"split": self.config.eval_split, "dim": int(dim),
                       **{k: round(float(v), 6) for k, v in row.items()}})
@@ -357,19 +387,26 @@ class Trainer:
 
         Under torchrun only rank 0 writes (the others return the path); weights and optimizer
         are the same on every rank and the position counts global batches, so a checkpoint
-        resumes on any world size.
+        resumes on any world size. Under FSDP each tensor is first gathered whole (all ranks
+        take part), so the files are the same as without FSDP.
         """
         path = self.out / f"checkpoint-{self.step:06d}"
-        if not self.dist.is_main:
+        main = self.dist.is_main
+        weights, moments = {}, {}
+        for name, p in self.encoder.named_parameters():  # the same order on every rank
+            if not p.requires_grad:
+                continue
+            whole = full_tensor(p.detach())
+            if main:
+                weights[name] = whole.cpu().contiguous()
+            for key, value in sorted(self.optimizer.state.get(p, {}).items()):
+                whole = full_tensor(torch.as_tensor(value).detach())
+                if main:
+                    moments[f"{name}::{key}"] = whole.cpu().contiguous()
+        if not main:
             return path
         path.mkdir(parents=True, exist_ok=True)
-        names = {p: n for n, p in self.encoder.named_parameters() if p.requires_grad}
-        save_file({n: p.detach().cpu().contiguous() for p, n in names.items()},
-                  str(path / "trainable.safetensors"))
-        moments = {}
-        for p, state in self.optimizer.state.items():
-            for key, value in state.items():
-                moments[f"{names[p]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        save_file(weights, str(path / "trainable.safetensors"))
         done = self._committed
         moments["rng::cpu"] = done["rng_cpu"]
         for i, s in enumerate(done["rng_cuda"]):
@@ -394,15 +431,18 @@ class Trainer:
                              "was it written with another freezing / LoRA setting?")
         with torch.no_grad():
             for n, t in weights.items():
-                params[n].copy_(t)
+                params[n].copy_(load_full_tensor(params[n], t))  # this rank's shard under FSDP
         moments = load_file(str(path / "optimizer.safetensors"))
-        for p in (p for p in self.encoder.parameters() if p.requires_grad):
-            name = next(n for n, q in params.items() if q is p)
+        for name, p in params.items():
+            if not p.requires_grad:
+                continue
             state = {key.split("::", 1)[1]: v for key, v in moments.items()
                      if key.split("::", 1)[0] == name}
             if state:
-                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v
-                                           for k, v in state.items()}
+                # AdamW keeps its moments like the parameter (sharded under FSDP); "step" is
+                # a plain scalar on the CPU.
+                self.optimizer.state[p] = {
+                    k: v if k == "step" else load_full_tensor(p, v) for k, v in state.items()}
         torch.set_rng_state(moments["rng::cpu"])
         cuda = [moments[k] for k in sorted(moments) if k.startswith("rng::cuda")]
         if cuda and torch.cuda.is_available():

@@ -25,7 +25,16 @@ from mmlib.distributed import (
     local_batch_size,
     shard_batch,
 )
-from tests._dist_worker import LOSS, REPO, WORLD, grads, make_encoder, raw_inputs, trainer_config
+from tests._dist_worker import (
+    LOSS,
+    REPO,
+    WORLD,
+    grads,
+    lora_trainer_config,
+    make_encoder,
+    raw_inputs,
+    trainer_config,
+)
 
 TIMEOUT_S = 300  # a hang (e.g. mismatched collectives) fails the test instead of blocking CI
 
@@ -196,19 +205,20 @@ def test_encoder_step_equals_single_process(dist_run, single_process_step):
         assert_grad_close(sum(got["raw_grads"][n] for got in ranks), WORLD * g, f"raw {n}")
 
 
-def _assert_weights_close(got: dict, expected: dict, what: str) -> None:
+def _assert_weights_close(got: dict, expected: dict, what: str, atol: float = 1e-5) -> None:
     """atol 1e-5 = 0.5% of one learning-rate step (2e-3): AdamW's g / (|g| + eps) turns fp32
     noise on near-zero gradients into update noise (a handful of the 351k weights move ~5e-6).
     Scale errors that AdamW and clipping hide are caught by the logged grad_norm instead."""
     assert got.keys() == expected.keys() and len(expected) > 10
     for n, w in expected.items():
-        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-5,
+        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=atol,
                                    msg=lambda m, n=n: f"{what}: {n}: {m}")
 
 
 def _metrics(run) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"])
-            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"]
 
 
 def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
@@ -239,3 +249,108 @@ def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
     (loss1, norm1), = _metrics(reference_run)[1:]
     (loss2, norm2), = _metrics(dist_run / "resumed")
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- FSDP (sharded)
+def test_fsdp_encoder_step_equals_single_process(dist_run, single_process_step):
+    """A sharded encoder's gradients (gathered whole) are the single process's, plain and with
+    GradCache where the ranks run different numbers of micro-batches (dummies fill in)."""
+    loss, expected = single_process_step
+    for r in range(WORLD):
+        got = load(dist_run / f"fsdp_encoder_rank{r}.pt")
+        for prefix in ("", "gradcache_"):
+            torch.testing.assert_close(got[f"{prefix}loss"], loss, rtol=1e-5, atol=1e-6)
+            assert got[f"{prefix}grads"].keys() == expected.keys()
+            for n, g in expected.items():
+                assert_grad_close(got[f"{prefix}grads"][n], g, f"fsdp rank {r} {prefix}{n}")
+
+
+# FSDP reduce-scatters the gradients in another summation order than one process; AdamW's
+# normalised update g / (|g| + eps) turns that fp32 rounding on near-zero gradients into
+# weight differences of ~2e-5 on a few entries (1 of 8192 in one run): 2.5% of one lr step.
+FSDP_WEIGHT_ATOL = 5e-5
+
+
+def test_fsdp_trainer_equals_single_process(dist_run, reference_run):
+    """FSDP2 with GradCache (micro-batches of 3 of 4 rows, hard-negative counts that differ by
+    rank): each rank holds half the weights, and 2 steps equal 2 single-process steps."""
+    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    for r in range(WORLD):
+        _assert_weights_close(load(dist_run / f"fsdp_weights_rank{r}.pt"), expected,
+                              f"fsdp rank {r}", FSDP_WEIGHT_ATOL)
+        info = load(dist_run / f"fsdp_rank{r}.pt")
+        assert info["held"] <= info["total"] // WORLD + 1000, info  # + shard padding at most
+    written = load_file(str(dist_run / "fsdp" / "checkpoint-000002" / "trainable.safetensors"))
+    _assert_weights_close(written, expected, "fsdp checkpoint", FSDP_WEIGHT_ATOL)
+    for (loss1, norm1), (loss2, norm2) in zip(_metrics(reference_run), _metrics(dist_run / "fsdp"),
+                                              strict=True):
+        assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+    for r in range(WORLD):
+        _assert_weights_close(load(dist_run / f"fsdp_resumed_weights_rank{r}.pt"), expected,
+                              f"fsdp resumed from a single-process checkpoint, rank {r}",
+                              FSDP_WEIGHT_ATOL)
+
+
+def test_fsdp_outputs_load_in_one_process(dist_run, reference_run, tmp_path):
+    """The sharded run's final model, encodings, evaluation and checkpoint are the ordinary
+    single-process ones: from_pretrained reproduces its embeddings and eval.csv, and one
+    process resumes its step-1 checkpoint to the reference step 2."""
+    import pandas as pd
+
+    from mmlib import MultimodalEncoder
+    from mmlib.data import ImageTextDataset
+    from mmlib.evaluation import evaluate_dataset
+    from mmlib.train import Trainer
+
+    loaded = MultimodalEncoder.from_pretrained(dist_run / "fsdp" / "final")
+    info = load(dist_run / "fsdp_rank0.pt")
+    torch.testing.assert_close(loaded.encode_texts(info["texts"]), info["embeddings"],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(load(dist_run / "fsdp_rank1.pt")["embeddings"], info["embeddings"],
+                               atol=0, rtol=0)
+    cfg = trainer_config(tmp_path)
+    valid = ImageTextDataset(cfg.manifest, split="validation")
+    expected = evaluate_dataset(loaded, valid, dims=cfg.encoder.mrl_dims)
+    got = pd.read_csv(dist_run / "fsdp" / "eval.csv", index_col=0)
+    assert list(got.index) == list(expected.index)
+    for col in expected.columns:
+        assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), abs=1e-6), col
+
+    trainer = Trainer(trainer_config(tmp_path / "resumed",
+                                     resume=str(dist_run / "fsdp" / "checkpoint-000001")))
+    trainer.train()
+    resumed = {n: p.detach() for n, p in trainer.encoder.named_parameters() if p.requires_grad}
+    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    _assert_weights_close(resumed, expected, "one process resumed from an FSDP checkpoint",
+                          FSDP_WEIGHT_ATOL)
+
+
+def test_fsdp_lora_with_checkpointing_equals_single_process(dist_run, tmp_path):
+    """LoRA adapters and activation checkpointing under FSDP: the same 2 steps as one process,
+    and the saved adapter holds those weights."""
+    from mmlib import MultimodalEncoder
+    from mmlib.train import Trainer
+
+    single = Trainer(lora_trainer_config(tmp_path / "single", micro_batch_size=3))
+    single.train()
+    expected = {n: p.detach() for n, p in single.encoder.named_parameters() if p.requires_grad}
+    assert sum("lora_" in n for n in expected) >= 8
+    for r in range(WORLD):
+        _assert_weights_close(load(dist_run / f"fsdp_lora_weights_rank{r}.pt"), expected,
+                              f"fsdp lora rank {r}", FSDP_WEIGHT_ATOL)
+    loaded = MultimodalEncoder.from_pretrained(dist_run / "fsdp_lora" / "final")
+    got = {n: p.detach() for n, p in loaded.named_parameters() if p.requires_grad}
+    _assert_weights_close(got, load(dist_run / "fsdp_lora_weights_rank0.pt"), "saved adapter",
+                          atol=0)
+
+
+def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
+    from mmlib.fsdp import shard_encoder
+    from mmlib.train import Trainer
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="fsdp=true .* torchrun"):
+        Trainer(trainer_config(tmp_path, fsdp=True))
+    with pytest.raises(RuntimeError, match="process group"):
+        shard_encoder(make_encoder())

@@ -75,3 +75,27 @@ def test_gradcache_replays_dropout_masks():
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     for n, g in _grads(enc).items():
         torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)
+
+
+def test_aligned_dummy_micro_batches_change_nothing(encoder):
+    """`align` (FSDP: every rank runs as many micro-batches as the busiest) adds one-row dummy
+    forwards and backwards: same loss, same gradients, same RNG stream afterwards."""
+    loss_fn = functools.partial(matryoshka_in_batch_negative_loss, dims=[8, 64])
+    query = encoder.tokenize(TEXTS[:5])
+    target = encoder.tokenize(images=[noise_image(i) for i in range(5)])
+    runs = {}
+    for pad in (0, 2):
+        calls = []
+        hook = encoder.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        align = (lambda counts, pad=pad: [counts[0] + pad, counts[1] + pad]) if pad else None
+        loss = gradcache_step(encoder, query, target, loss_fn, 2, align=align)
+        hook.remove()
+        runs[pad] = loss, _grads(encoder), torch.get_rng_state(), len(calls)
+    (loss0, grads0, rng0, calls0), (loss2, grads2, rng2, calls2) = runs[0], runs[2]
+    assert calls0 == 2 * (3 + 3) and calls2 == calls0 + 2 * (2 + 2)  # no-grad + grad passes
+    assert torch.equal(loss0, loss2) and torch.equal(rng0, rng2)
+    assert grads0.keys() == grads2.keys()
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads2[n], g, rtol=0, atol=0, msg=n)

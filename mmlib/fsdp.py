@@ -1,0 +1,103 @@
+"""Fully sharded data parallelism (FSDP2): train an encoder too large for one GPU's memory.
+
+    torchrun --nproc_per_node 8 -m mmlib.train --config configs/tiny_mrl.yaml --set fsdp=true
+
+Data parallelism (mmlib/distributed.py) keeps a whole copy of the weights, gradients and
+AdamW moments on every rank. With `fsdp=true` every rank keeps 1/W of each of them instead
+(torch's `fully_shard`): a decoder layer or vision block is all-gathered just before its
+forward (and again before its backward) and freed right after, and its gradients are
+reduce-scattered so each rank updates only its own shard. The training *maths* does not
+change: embeddings are still gathered across ranks so the global batch supplies the
+negatives, and FSDP's reduce-scatter averages the gradients over ranks exactly as
+`average_gradients` does, so a step equals the single-process step on the global batch
+(tested in tests/test_distributed.py).
+
+Sharding units: each vision block, each decoder layer, the projection head (its own unit
+because its dtype may differ from a bf16 backbone's), and the rest (embeddings, final norm,
+patch embedding, merger) with the encoder as the root. Checkpoints and the final model are
+written in the ordinary single-process format (full tensors, gathered one at a time), so they
+load anywhere: one process, DDP, or FSDP on another world size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "shard_encoder"]
+
+
+def _dtensor_type() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard a `MultimodalEncoder` in place over every rank of the process group (FSDP2).
+
+    Call it after the weights are final on every rank (e.g. after `broadcast_parameters`)
+    and before building the optimizer: parameters are replaced by sharded DTensors.
+    `reshard_after_forward=False` keeps each layer gathered from forward to backward (more
+    memory, fewer all-gathers). Returns the encoder.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_encoder needs a process group: launch with torchrun "
+                           "(e.g. torchrun --nproc_per_node 2 -m mmlib.train ... --set fsdp=true)")
+    if is_sharded(encoder):
+        return encoder
+    device = encoder.device
+    if any(p.device != device for p in encoder.parameters()):
+        raise ValueError("fsdp: every parameter must be on this rank's device; device_map "
+                         "(one model over several GPUs) cannot be combined with fsdp")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    qwen = encoder.qwen
+    units = [*qwen.visual.blocks, *qwen.language_model.layers, encoder.projection]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The root gathers what is left; it stays gathered from forward to backward by default.
+    fully_shard(encoder, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return encoder
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when some parameter of `module` is a sharded DTensor (after `shard_encoder`)."""
+    dtensor = _dtensor_type()
+    return any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def full_tensor(t: Any) -> Any:
+    """The whole tensor behind a DTensor shard (a collective: every rank must call it);
+    anything else unchanged."""
+    if isinstance(t, _dtensor_type()):
+        return t.full_tensor()
+    return t
+
+
+def load_full_tensor(like: Tensor, full: Tensor) -> Tensor:
+    """`full` laid out like `like`: sharded the same way when `like` is a DTensor (every rank
+    passes the same `full`), else `full` itself; on `like`'s device, in `full`'s dtype."""
+    full = full.to(device=like.device)
+    if isinstance(like, _dtensor_type()):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, like.device_mesh, like.placements)
+    return full
+
+
+def full_state_dict(module: nn.Module, main: bool = True) -> dict[str, Tensor]:
+    """`module.state_dict()` with whole tensors on the CPU, gathered one tensor at a time
+    (a collective under FSDP: every rank calls it; only ranks with `main` keep the tensors,
+    the others get an empty dict)."""
+    out = {}
+    for name, t in module.state_dict().items():
+        whole = full_tensor(t)
+        if main:
+            out[name] = whole.detach().cpu().contiguous()
+        del whole
+    return out
