@@ -207,7 +207,7 @@ def build(args, device: torch.device, attn: str, compiled: bool):
     encoders = {"plain": MultimodalEncoder(cfg).eval()}
     if compiled:
         twin = MultimodalEncoder(cfg).eval()
-        # Same weights: the backbone is deterministic, the projection head is not.
+        # Same weights (both are seeded by the config; copied to make the comparison explicit).
         twin.projection.load_state_dict(encoders["plain"].projection.state_dict())
         encoders["compiled"] = twin.compile_for_inference()
     return encoders
