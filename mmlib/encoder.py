@@ -326,8 +326,7 @@ class MultimodalEncoder(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if save_backbone is None:
-            save_backbone = not self.config.use_lora and self.config.freeze_backbone != "all"
+        save_backbone = self._saves_backbone(save_backbone)
         parts: dict[str, dict[str, torch.Tensor] | None] = {"backbone.": None, "projection.": None}
         if state_dict is not None:
             for prefix in parts:
@@ -347,6 +346,20 @@ class MultimodalEncoder(nn.Module):
         self.processor.save_pretrained(path)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return path
+
+    def _saves_backbone(self, save_backbone: bool | None = None) -> bool:
+        if save_backbone is None:
+            return not self.config.use_lora and self.config.freeze_backbone != "all"
+        return save_backbone
+
+    def saves_weight(self, name: str, save_backbone: bool | None = None) -> bool:
+        """Whether `save_pretrained` writes the state-dict entry `name` (the projection, plus
+        the LoRA adapter or the whole backbone); lets a sharded model gather only those."""
+        if name.startswith("projection."):
+            return True
+        if self.config.use_lora:
+            return "lora_" in name
+        return self._saves_backbone(save_backbone) and name.startswith("backbone.")
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, **overrides: Any) -> MultimodalEncoder:

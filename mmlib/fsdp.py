@@ -21,6 +21,7 @@ load anywhere: one process, DDP, or FSDP on another world size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -90,12 +91,16 @@ def load_full_tensor(like: Tensor, full: Tensor) -> Tensor:
     return full
 
 
-def full_state_dict(module: nn.Module, main: bool = True) -> dict[str, Tensor]:
+def full_state_dict(module: nn.Module, main: bool = True,
+                    keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
     """`module.state_dict()` with whole tensors on the CPU, gathered one tensor at a time
     (a collective under FSDP: every rank calls it; only ranks with `main` keep the tensors,
-    the others get an empty dict)."""
+    the others get an empty dict). `keep(name)` selects entries (e.g. only a LoRA adapter's,
+    so a frozen 72B base is never gathered)."""
     out = {}
     for name, t in module.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         whole = full_tensor(t)
         if main:
             out[name] = whole.detach().cpu().contiguous()

@@ -351,7 +351,8 @@ class Trainer:
         bar.close()
         train_time = time.perf_counter() - start
         self.save_checkpoint()
-        weights = full_state_dict(self.encoder, main) if cfg.fsdp else None
+        weights = (full_state_dict(self.encoder, main, keep=self.encoder.saves_weight)
+                   if cfg.fsdp else None)
         if main:
             self.encoder.save_pretrained(self.out / "final", state_dict=weights)
         del weights

@@ -142,6 +142,16 @@ def test_save_load_round_trip(tmp_path, overrides):
     loaded = MultimodalEncoder.from_pretrained(tmp_path / "enc")
     assert loaded.config == enc.config
     torch.testing.assert_close(loaded.encode(texts=texts, images=images), expected, atol=0, rtol=0)
+    # From a given state dict (what a sharded model gathers): only the `saves_weight` entries
+    # are needed, and they, not the module's current weights, are written.
+    state = {k: v.clone() for k, v in enc.state_dict().items() if enc.saves_weight(k)}
+    assert 0 < len(state) < len(enc.state_dict()) or not overrides
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(1.0)
+    enc.save_pretrained(tmp_path / "given", state_dict=state)
+    loaded = MultimodalEncoder.from_pretrained(tmp_path / "given")
+    torch.testing.assert_close(loaded.encode(texts=texts, images=images), expected, atol=0, rtol=0)
 
 
 def test_bf16_autocast_forward_on_cpu():
