@@ -393,13 +393,10 @@ class Trainer:
         """
         path = self.out / f"checkpoint-{self.step:06d}"
         main = self.dist.is_main
-        weights, moments = {}, {}
-        for name, p in self.encoder.named_parameters():  # the same order on every rank
-            if not p.requires_grad:
-                continue
-            whole = full_tensor(p.detach())
-            if main:
-                weights[name] = whole.cpu().contiguous()
+        trainable = {n: p for n, p in self.encoder.named_parameters() if p.requires_grad}
+        weights = full_state_dict(self.encoder, main, keep=trainable.__contains__)
+        moments = {}
+        for name, p in trainable.items():  # the same order on every rank
             for key, value in sorted(self.optimizer.state.get(p, {}).items()):
                 whole = full_tensor(torch.as_tensor(value).detach())
                 if main:
