@@ -2,7 +2,12 @@
 
 A manifest is JSONL (one object per line) or CSV with at least the columns ``image`` (a path
 relative to the manifest's folder, or absolute) and ``text``; optional ``split`` and
-``hard_negatives`` (a list of captions: a JSON list, or ``|``-separated in CSV).
+``hard_negatives`` (a list of captions: a JSON list, or ``|``-separated in CSV) and ``image_id``.
+
+Several rows may share one image (Flickr30k and COCO have five captions per image). An image's
+identity is its ``image_id`` when the manifest gives one, else its resolved path
+(`ImageTextDataset.image_ids`): evaluation embeds each image once, and batches never hold one
+image twice.
 
     ds = ImageTextDataset("data_samples/synthetic/manifest.jsonl", split="train")
     sampler = LengthBucketSampler(text_lengths(ds.texts, processor), batch_size=16)
@@ -42,6 +47,7 @@ class ManifestRow:
     text: str
     split: str | None = None
     hard_negatives: list[str] = field(default_factory=list)
+    image_id: str | None = None  # explicit identity; None = the resolved image path
 
     def where(self, manifest: str | Path) -> str:
         """'row 17 of data/x.jsonl' (with the file line too when it differs)."""
@@ -81,7 +87,9 @@ def _make_row(data: dict, row: int, line: int, manifest: Path) -> ManifestRow:
     split = data.get("split")
     split = None if split in (None, "") else str(split)
     hard = _parse_hard_negatives(data.get("hard_negatives"), where)
-    return ManifestRow(row, line, image.strip(), text, split, hard)
+    image_id = data.get("image_id")
+    image_id = None if image_id in (None, "") else str(image_id)
+    return ManifestRow(row, line, image.strip(), text, split, hard, image_id)
 
 
 def read_manifest(manifest: str | Path) -> list[ManifestRow]:
@@ -213,6 +221,15 @@ class ImageTextDataset(Dataset):
         """Image paths in dataset order."""
         return [self.image_path(r) for r in self.rows]
 
+    def image_id(self, row: ManifestRow) -> str:
+        """A row's image identity: its explicit `image_id`, else its resolved path."""
+        return row.image_id if row.image_id is not None else str(self.image_path(row).resolve())
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Image identity of each row, in dataset order (rows sharing an image share it)."""
+        return [self.image_id(r) for r in self.rows]
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -226,6 +243,7 @@ class ImageTextDataset(Dataset):
             "text": row.text,
             "hard_negatives": list(row.hard_negatives) if self.with_hard_negatives else [],
             "index": index,
+            "image_id": self.image_id(row),
             "row": row.row,
             "direction": self.direction,
         }
