@@ -221,6 +221,11 @@ class ImageTextDataset(Dataset):
         """Image paths in dataset order."""
         return [self.image_path(r) for r in self.rows]
 
+    def image_for(self, index: int) -> Any:
+        """What to hand `encode_images` for row `index` (a path here; readers without files
+        may return a PIL image). Nothing is decoded until the encoder reads it."""
+        return self.image_path(self.rows[index])
+
     def image_id(self, row: ManifestRow) -> str:
         """A row's image identity: its explicit `image_id`, else its resolved path."""
         return row.image_id if row.image_id is not None else str(self.image_path(row).resolve())
