@@ -33,7 +33,7 @@ from mmlib.backbone import (
 from mmlib.config import EncoderConfig
 from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
-from mmlib.processing import ImageLike, build_inputs, count_inputs, format_prompt
+from mmlib.processing import ImageLike, build_inputs, check_text, count_inputs, format_prompt
 
 logger = logging.getLogger("mmlib")
 
@@ -475,8 +475,7 @@ class _InputPlan:
         costs = [0] * self.n
         if texts is not None:
             for i, text in enumerate(texts):
-                if text is not None and not isinstance(text, str):
-                    raise TypeError(f"input {i}: text must be a str or None, got {type(text).__name__}")
+                check_text(text, i)
             self.texts = list(texts)
             max_length = encoder.config.max_length
             # Text-only: lengths come from the prompt ids below, and only texts that may be
