@@ -20,7 +20,8 @@ land in the top ``max(ks)``), never by a full sort.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -71,11 +72,18 @@ def _check_dim(dim: int | None, full: int) -> int:
     return dim
 
 
-def _check_ks(ks: int | Sequence[int]) -> list[int]:
-    ks = [ks] if isinstance(ks, int) else list(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"ks must be positive ints (e.g. (1, 5, 10)), got {ks!r}")
-    return sorted(set(ks))
+def _check_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
+    """Sorted distinct plain ints from an integral or a sequence/array of integrals (not 5.0, True)."""
+    given = ks
+    if hasattr(ks, "tolist") and not isinstance(ks, (list, tuple)):
+        ks = ks.tolist()  # numpy / torch scalars and arrays -> Python numbers, bools stay bools
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        ks = [ks]
+    ks = list(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ValueError(f"{name} must be positive integers (e.g. (1, 5, 10); numpy ints are fine, "
+                         f"floats and bools are not), got {given!r}")
+    return sorted({int(k) for k in ks})
 
 
 def _check_chunk(chunk_size: int) -> int:
@@ -323,7 +331,10 @@ def mrr(
 ) -> float:
     """Mean reciprocal 1-based rank of the first relevant target (0 beyond rank k if k given)."""
     if k is not None:
-        _check_ks(k)
+        checked = _check_ks(k, "k")
+        if len(checked) != 1 or isinstance(k, Sequence):
+            raise ValueError(f"k must be one positive integer or None, got {k!r}")
+        k = checked[0]
     pos, _, _ = _positions(query, target, relevant, 1, dim, chunk_size)
     return _mrr(pos, k)
 

@@ -394,3 +394,25 @@ def test_retrieval_cost_table():
     assert df.loc[128, "flops_per_query"] == 256_000
     with pytest.raises(ValueError, match="full_dim"):
         retrieval_cost_table([None], n_corpus=10)
+
+
+def test_ks_accept_any_integral_and_refuse_floats_and_bools():
+    """numpy/torch integers are ks like any int (results keyed by plain ints); 5.0 and True are not."""
+    import numpy as np
+
+    q, t = sign_embeddings(12, 16, seed=7), sign_embeddings(20, 16, seed=8)
+    want = topk_accuracy(q, t, ks=(1, 5))
+    for ks in (np.array([1, 5]), [np.int64(1), np.int32(5)], torch.tensor([5, 1]), (1, 5)):
+        got = topk_accuracy(q, t, ks=ks)
+        assert got == want and all(type(k) is int for k in got), ks
+    assert recall_at_k(q, t, ks=np.int64(5)) == recall_at_k(q, t, ks=5)
+    assert ndcg_at_k(q, t, ks=np.array(5)) == ndcg_at_k(q, t, ks=5)
+    assert mrr(q, t, k=np.int64(5)) == mrr(q, t, k=5)
+    assert evaluate_matryoshka(q, t, dims=[8], ks=np.array([1, 5])).equals(
+        evaluate_matryoshka(q, t, dims=[8], ks=(1, 5)))
+    for bad in (5.0, [1, 5.0], np.array([1.0, 5.0]), True, [1, True], np.bool_(True), "5", [], 0):
+        with pytest.raises(ValueError, match="ks must be"):
+            topk_accuracy(q, t, ks=bad)
+    for bad in (5.0, [5], True):
+        with pytest.raises(ValueError, match="k must be"):
+            mrr(q, t, k=bad)
