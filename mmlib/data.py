@@ -17,6 +17,7 @@ image twice.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -100,7 +101,7 @@ def read_manifest(manifest: str | Path) -> list[ManifestRow]:
     suffix = path.suffix.lower()
     rows: list[ManifestRow] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with _utf8_text(path) as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -113,7 +114,7 @@ def read_manifest(manifest: str | Path) -> list[ManifestRow]:
                                      f"got {type(data).__name__}")
                 rows.append(_make_row(data, len(rows) + 1, line_no, path))
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with _utf8_text(path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise ValueError(f"manifest {path} is empty (no header row)")
@@ -129,6 +130,19 @@ def read_manifest(manifest: str | Path) -> list[ManifestRow]:
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
     return rows
+
+
+def _utf8_text(path: Path, newline: str | None = None) -> io.StringIO:
+    """The file as text: UTF-8, a leading BOM dropped; errors name the line (decoded whole, as
+    a text stream decodes in blocks and cannot say which line a bad byte is on)."""
+    raw = path.read_bytes()
+    try:
+        return io.StringIO(raw.decode("utf-8-sig"), newline=newline)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"manifest {path}, line {line}: byte {raw[e.start:e.start + 1]!r} is not "
+                         f"UTF-8 ({e.reason}); re-encode the file as UTF-8, e.g. "
+                         f"`iconv -f latin1 -t utf-8` for Latin-1") from e
 
 
 # --------------------------------------------------------------------------------- dataset

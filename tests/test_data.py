@@ -414,3 +414,34 @@ def test_text_lengths_and_padding_fraction():
     assert text_lengths([], _FakeProcessor()) == []
     assert padding_fraction([[0, 1]], [3, 1]) == pytest.approx(2 / 6)
     assert padding_fraction([[0], [1]], [3, 1]) == 0.0
+
+
+# ------------------------------------------------------------------------- manifest encoding
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_non_utf8_manifest_names_file_and_line(tmp_path, suffix):
+    head = b"image,text\n" if suffix == ".csv" else b""
+    lines = [b'{"image": "a.png", "text": "tea"}', b'{"image": "b.png", "text": "cafe"}',
+             b'{"image": "c.png", "text": "caf\xe9"}']  # Latin-1 e-acute: not UTF-8
+    if suffix == ".csv":
+        lines = [b"a.png,tea", b"b.png,cafe", b"c.png,caf\xe9"]
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(head + b"\n".join(lines) + b"\n")
+    line = 4 if suffix == ".csv" else 3
+    with pytest.raises(ValueError, match=rf"latin1\{suffix}.*line {line}.*UTF-8"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_manifest_with_utf8_bom_reads_like_without(tmp_path, suffix):
+    rows = [{"image": "a.png", "text": "café 東京"}, {"image": "b.png", "text": "tea"}]
+    if suffix == ".csv":
+        body = "image,text\n" + "".join(f"{r['image']},{r['text']}\n" for r in rows)
+    else:
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    plain, bom = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
+    plain.write_bytes(body.encode("utf-8"))
+    bom.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    got = read_manifest(bom)
+    assert got == read_manifest(plain)
+    assert [(r.image, r.text, r.line) for r in got] == [
+        (r["image"], r["text"], i + (2 if suffix == ".csv" else 1)) for i, r in enumerate(rows)]
