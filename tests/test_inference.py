@@ -260,3 +260,43 @@ def test_encode_to_disk_images_float16_and_errors(tiny_encoder, tmp_path):
     with pytest.raises(ValueError, match="dim"):
         encode_to_disk(tiny_encoder, texts=["a"], out_dir=tmp_path / "x", dim=10**6)
     assert not (tmp_path / "x").exists()  # nothing written before the inputs are checked
+
+
+@pytest.mark.parametrize("nudged", ["projection.fc2.bias", "backbone", "buffer"])
+def test_encode_to_disk_resume_refuses_other_weights(tiny_encoder, tmp_path, monkeypatch, nudged):
+    """Interrupted after 2 chunks by model A: resuming with model B (same config, one weight
+    or buffer moved by 1e-3) is refused; resuming with A finishes equal to an uninterrupted run."""
+    import copy
+
+    texts = texts_of_mixed_length(25, seed=6)
+    kw = dict(texts=texts, chunk_size=10, show_progress=False)
+    whole = load_embeddings(encode_to_disk(tiny_encoder, out_dir=tmp_path / "whole", **kw))
+    out = tmp_path / "part"
+    original, calls = tiny_encoder.encode, []
+
+    def interrupted(**kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(**kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        encode_to_disk(tiny_encoder, out_dir=out, **kw)
+    monkeypatch.delattr(tiny_encoder, "encode")
+    written = {p.name: p.read_bytes() for p in out.glob("embeddings-*")}
+    assert sorted(written) == ["embeddings-00000.safetensors", "embeddings-00001.safetensors"]
+
+    other = copy.deepcopy(tiny_encoder)
+    name = {"backbone": [n for n, _ in other.named_parameters() if n.startswith("backbone.")][-1],
+            "buffer": next(n for n, _ in other.named_buffers())}.get(nudged, nudged)
+    with torch.no_grad():
+        dict([*other.named_parameters(), *other.named_buffers()])[name].view(-1)[0] += 1e-3
+    assert other.config.to_dict() == tiny_encoder.config.to_dict()
+    with pytest.raises(ValueError, match=rf"{out.name}.*different weights.*out_dir"):
+        encode_to_disk(other, out_dir=out, **kw)
+    assert {p.name: p.read_bytes() for p in out.glob("embeddings-*")} == written  # nothing mixed in
+
+    encode_to_disk(tiny_encoder, out_dir=out, **kw)
+    assert np.array_equal(load_embeddings(out), whole)
+    assert read_index(out)["weights_sha256"] == read_index(tmp_path / "whole")["weights_sha256"]
