@@ -11,6 +11,13 @@ at ``m + #{irrelevant targets scoring >= it}``. Why pessimistic: a collapsed enc
 every target the same score must score 0, not 100 %, and the result must not depend on the
 arbitrary order that ``torch.topk``/``sort`` give to equal values.
 
+Other conventions, for comparing with peers (``ties=`` on every ranking function):
+``"optimistic"`` ranks a relevant target *ahead* of the irrelevant ones it ties with (an upper
+bound); ``"trec_eval"`` orders tied targets by target index *descending*, as trec_eval (and
+pytrec_eval, which wraps it) orders tied documents by docno descending (``strcmp`` in
+``comp_sim_docno``, ``form_res_rels.c``): numbers agree when the run file names target j by j
+zero-padded to one width (so string order is numeric order).
+
 Large corpora: queries are processed ``chunk_size`` rows at a time, so the largest tensor ever
 built is ``chunk_size x n_targets`` scores (plus one counting buffer of that size). Positions are
 found by counting scores ``>=`` the relevant ones (one pass per relevant target that can still
@@ -23,6 +30,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -42,7 +50,13 @@ __all__ = [
     "summarize_gradient_flow",
     "layer_name",
     "retrieval_cost_table",
+    "per_query_metrics",
+    "bootstrap_indices",
+    "bootstrap_ci",
+    "TIES",
 ]
+
+TIES = ("pessimistic", "optimistic", "trec_eval")
 
 # --------------------------------------------------------------------------- input checks
 
@@ -90,6 +104,12 @@ def _check_chunk(chunk_size: int) -> int:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
+
+
+def _check_ties(ties: str) -> str:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    return ties
 
 
 def _resolve_dims(dims: Sequence[int | None] | None, full: int) -> list[int]:
@@ -182,9 +202,10 @@ def _transpose_relevance(crow: Tensor, col: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def _relevant_positions(
-    q: Tensor, t: Tensor, crow: Tensor, col: Tensor, depth: int, chunk_size: int
+    q: Tensor, t: Tensor, crow: Tensor, col: Tensor, depth: int, chunk_size: int,
+    ties: str = "pessimistic",
 ) -> tuple[Tensor, Tensor]:
-    """0-based positions of each query's best ``depth`` relevant targets (pessimistic ties).
+    """0-based positions of each query's best ``depth`` relevant targets under the tie rule.
 
     Returns ``(pos (Nq, depth) long, n_rel (Nq,) long)``; missing slots hold ``n_t``.
     """
@@ -193,6 +214,7 @@ def _relevant_positions(
     counts = crow[1:] - crow[:-1]
     pos_out = torch.full((n_q, depth), n_t, dtype=torch.long, device=q.device)
     t_T = t.T.contiguous()
+    target_idx = torch.arange(n_t, device=q.device)
     # Counting into a float buffer (ge(out=float) then sum) is ~6x faster on CPU than summing
     # a bool mask; counts stay exact integers while n_t < 2**24 in float32 (else float64).
     count_dtype = torch.float32 if n_t < 2**24 else torch.float64
@@ -210,12 +232,28 @@ def _relevant_positions(
         rel = scores.new_full((e - s, r_max), -math.inf)
         rel[rows, within] = scores[rows, col[lo:hi]]
         d = min(depth, r_max)
-        top = rel.topk(d, dim=1).values  # best relevant scores, descending
+        if ties == "trec_eval":
+            # Relevant targets in the final order: score descending, then index descending
+            # (two stable sorts); padding (-inf, index -1) sorts last.
+            rel_idx = torch.full((e - s, r_max), -1, dtype=torch.long, device=q.device)
+            rel_idx[rows, within] = col[lo:hi]
+            o = torch.argsort(rel_idx, dim=1, descending=True, stable=True)
+            rel_s, rel_idx = rel.gather(1, o), rel_idx.gather(1, o)
+            o = torch.argsort(rel_s, dim=1, descending=True, stable=True)
+            top, top_idx = rel_s.gather(1, o)[:, :d], rel_idx.gather(1, o)[:, :d]
+        else:
+            top = rel.topk(d, dim=1).values  # best relevant scores, descending
         for m in range(d):
             v = top[:, m : m + 1]
-            n_ge = torch.ge(scores, v, out=buf[: e - s]).sum(1).long()
-            irrelevant_ge = n_ge - (rel >= v).sum(1)
-            pos_out[s:e, m] = torch.where(c > m, m + irrelevant_ge, n_t)
+            if ties == "pessimistic":  # everything scoring >= v, minus the relevant ones
+                before = torch.ge(scores, v, out=buf[: e - s]).sum(1).long() - (rel >= v).sum(1) + m
+            elif ties == "optimistic":  # only strictly better irrelevant targets come first
+                before = torch.gt(scores, v, out=buf[: e - s]).sum(1).long() - (rel > v).sum(1) + m
+            else:  # trec_eval: a strict total order (score, index), so count what precedes it
+                j = top_idx[:, m : m + 1]
+                before = (torch.gt(scores, v, out=buf[: e - s]).sum(1).long()
+                          + ((scores == v) & (target_idx > j)).sum(1))
+            pos_out[s:e, m] = torch.where(c > m, before, n_t)
     return pos_out, counts
 
 
@@ -226,39 +264,58 @@ def _positions(
     depth: int,
     dim: int | None,
     chunk_size: int,
+    ties: str = "pessimistic",
 ) -> tuple[Tensor, Tensor, int]:
     query, target = _check_embeddings(query, target)
     d = _check_dim(dim, query.shape[1])
     chunk_size = _check_chunk(chunk_size)
+    ties = _check_ties(ties)
     n_q, n_t = query.shape[0], target.shape[0]
     crow, col = _build_relevance(relevant, n_q, n_t, query.device)
     q, t = _prefix_normalize(query, d), _prefix_normalize(target.to(query.device), d)
-    pos, n_rel = _relevant_positions(q, t, crow, col, depth, chunk_size)
+    pos, n_rel = _relevant_positions(q, t, crow, col, depth, chunk_size, ties)
     return pos, n_rel, n_t
 
 
-def _hit(pos: Tensor, k: int) -> float:
-    return (pos[:, 0] < k).double().mean().item()
+# Per-query values (one float64 entry per query); the corpus-level metric is their mean.
+def _hit_q(pos: Tensor, k: int) -> Tensor:
+    return (pos[:, 0] < k).double()
 
 
-def _recall(pos: Tensor, n_rel: Tensor, k: int) -> float:
-    return ((pos < k).sum(1).double() / n_rel.double()).mean().item()
+def _recall_q(pos: Tensor, n_rel: Tensor, k: int) -> Tensor:
+    return (pos < k).sum(1).double() / n_rel.double()
 
 
-def _ndcg(pos: Tensor, n_rel: Tensor, k: int) -> float:
+def _ndcg_q(pos: Tensor, n_rel: Tensor, k: int) -> Tensor:
     gains = torch.where(pos < k, 1.0 / torch.log2(pos.double() + 2.0), 0.0).sum(1)
     # Ideal DCG: all relevant targets first, as many as fit in the top k.
     n_ideal = torch.clamp(n_rel, max=k)
     disc_cum = torch.cumsum(1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0), 0)
     idcg = disc_cum.to(pos.device)[n_ideal - 1]
-    return (gains / idcg).mean().item()
+    return gains / idcg
 
 
-def _mrr(pos: Tensor, k: int | None) -> float:
+def _rr_q(pos: Tensor, k: int | None) -> Tensor:
     rr = 1.0 / (pos[:, 0].double() + 1.0)
     if k is not None:
         rr = torch.where(pos[:, 0] < k, rr, 0.0)
-    return rr.mean().item()
+    return rr
+
+
+def _hit(pos: Tensor, k: int) -> float:
+    return _hit_q(pos, k).mean().item()
+
+
+def _recall(pos: Tensor, n_rel: Tensor, k: int) -> float:
+    return _recall_q(pos, n_rel, k).mean().item()
+
+
+def _ndcg(pos: Tensor, n_rel: Tensor, k: int) -> float:
+    return _ndcg_q(pos, n_rel, k).mean().item()
+
+
+def _mrr(pos: Tensor, k: int | None) -> float:
+    return _rr_q(pos, k).mean().item()
 
 
 # --------------------------------------------------------------------------- public metrics
@@ -279,6 +336,7 @@ def topk_accuracy(
     labels: Tensor | None = None,
     dim: int | None = None,
     chunk_size: int = 4096,
+    ties: str = "pessimistic",
 ) -> dict[int, float]:
     """Fraction of queries whose positive (target i, or ``labels[i]``) ranks within the top k."""
     ks = _check_ks(ks)
@@ -289,7 +347,7 @@ def topk_accuracy(
                 "labels must be an integer tensor (n_queries,); for several positives per "
                 "query use recall_at_k(relevant=...)"
             )
-    pos, _, n_t = _positions(query, target, labels, 1, dim, chunk_size)
+    pos, _, n_t = _positions(query, target, labels, 1, dim, chunk_size, ties)
     return {k: _hit(pos, min(k, n_t)) for k in ks}
 
 
@@ -300,10 +358,11 @@ def recall_at_k(
     relevant: Tensor | Sequence[Sequence[int]] | None = None,
     dim: int | None = None,
     chunk_size: int = 4096,
+    ties: str = "pessimistic",
 ) -> dict[int, float]:
     """Mean over queries of |relevant ∩ top-k| / |relevant| (k clipped to the corpus size)."""
     ks = _check_ks(ks)
-    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size)
+    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
     return {k: _recall(pos, n_rel, min(k, n_t)) for k in ks}
 
 
@@ -314,10 +373,11 @@ def ndcg_at_k(
     relevant: Tensor | Sequence[Sequence[int]] | None = None,
     dim: int | None = None,
     chunk_size: int = 4096,
+    ties: str = "pessimistic",
 ) -> dict[int, float]:
     """Mean nDCG@k with binary gains, log2 discount and ideal DCG over min(k, |relevant|)."""
     ks = _check_ks(ks)
-    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size)
+    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
     return {k: _ndcg(pos, n_rel, min(k, n_t)) for k in ks}
 
 
@@ -328,6 +388,7 @@ def mrr(
     dim: int | None = None,
     chunk_size: int = 4096,
     k: int | None = None,
+    ties: str = "pessimistic",
 ) -> float:
     """Mean reciprocal 1-based rank of the first relevant target (0 beyond rank k if k given)."""
     if k is not None:
@@ -335,7 +396,7 @@ def mrr(
         if len(checked) != 1 or isinstance(k, Sequence):
             raise ValueError(f"k must be one positive integer or None, got {k!r}")
         k = checked[0]
-    pos, _, _ = _positions(query, target, relevant, 1, dim, chunk_size)
+    pos, _, _ = _positions(query, target, relevant, 1, dim, chunk_size, ties)
     return _mrr(pos, k)
 
 
@@ -346,10 +407,11 @@ def retrieval_metrics(
     relevant: Tensor | Sequence[Sequence[int]] | None = None,
     dim: int | None = None,
     chunk_size: int = 4096,
+    ties: str = "pessimistic",
 ) -> dict[str, float]:
     """All metrics in one ranking pass: ``top{k}`` (hit rate), ``recall@k``, ``ndcg@k``, ``mrr``."""
     ks = _check_ks(ks)
-    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size)
+    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
     out: dict[str, float] = {}
     for k in ks:
         out[f"top{k}"] = _hit(pos, min(k, n_t))
@@ -369,6 +431,7 @@ def evaluate_matryoshka(
     labels: Tensor | None = None,
     relevant: Tensor | Sequence[Sequence[int]] | None = None,
     chunk_size: int = 4096,
+    ties: str = "pessimistic",
 ) -> pd.DataFrame:
     """Top-k accuracy and MRR in both directions for each Matryoshka prefix dim (one row each).
 
@@ -386,6 +449,7 @@ def evaluate_matryoshka(
     query, target = _check_embeddings(query, target)
     ks = _check_ks(ks)
     chunk_size = _check_chunk(chunk_size)
+    ties = _check_ties(ties)
     full = query.shape[1]
     dims_ = _resolve_dims(dims, full)
     n_q, n_t = query.shape[0], target.shape[0]
@@ -401,7 +465,7 @@ def evaluate_matryoshka(
             ("t2q", t[kept], q, crow_t, col_t),
         )
         for name, a, b, cr, cl in directions:
-            pos, _ = _relevant_positions(a, b, cr, cl, 1, chunk_size)
+            pos, _ = _relevant_positions(a, b, cr, cl, 1, chunk_size, ties)
             for k in ks:
                 row[f"{name}_top{k}"] = _hit(pos, min(k, b.shape[0]))
             row[f"{name}_mrr"] = _mrr(pos, None)
@@ -410,6 +474,89 @@ def evaluate_matryoshka(
     df = pd.DataFrame(rows).set_index("dim")
     df.attrs.update(n_queries=n_q, n_targets=n_t, n_t2q_queries=int(kept.numel()))
     return df
+
+
+def per_query_metrics(
+    query: Tensor,
+    target: Tensor,
+    ks: int | Sequence[int] = (1, 5, 10),
+    relevant: Tensor | Sequence[Sequence[int]] | None = None,
+    dim: int | None = None,
+    chunk_size: int = 4096,
+    ties: str = "pessimistic",
+) -> pd.DataFrame:
+    """One row per query: ``top{k}`` (0/1), ``recall@k``, ``ndcg@k``, ``mrr`` (reciprocal rank).
+
+    Column means equal :func:`retrieval_metrics`; the rows are what a bootstrap resamples.
+    """
+    ks = _check_ks(ks)
+    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
+    cols: dict[str, Tensor] = {}
+    for k in ks:
+        cols[f"top{k}"] = _hit_q(pos, min(k, n_t))
+    for k in ks:
+        cols[f"recall@{k}"] = _recall_q(pos, n_rel, min(k, n_t))
+    for k in ks:
+        cols[f"ndcg@{k}"] = _ndcg_q(pos, n_rel, min(k, n_t))
+    cols["mrr"] = _rr_q(pos, None)
+    return pd.DataFrame({name: v.cpu().numpy() for name, v in cols.items()})
+
+
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) int32 row indices drawn uniformly with replacement, fixed by (n, n_boot, seed)."""
+    _check_count("n", n)
+    _check_count("n_boot", n_boot)
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n), dtype=np.int32)
+
+
+def bootstrap_ci(
+    values: np.ndarray | Sequence[float] | Tensor,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval ``(lo, hi)`` of the mean of per-query ``values``.
+
+    ``values`` is (n,) or (n, m) (m metrics sharing the queries). Each of ``n_boot`` resamples
+    draws n rows with replacement (``indices``, default :func:`bootstrap_indices`), and the
+    interval is the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` quantiles (numpy's linear
+    interpolation) of the resample means. Vectorised: the means are resample counts (n_boot, n)
+    times ``values``, so 1000 resamples of a few thousand queries take milliseconds. Columns
+    share the resamples (paired). Returns arrays of shape (m,), or 0-d arrays for 1-D input.
+    """
+    if isinstance(ci, bool) or not isinstance(ci, float | int) or not 0 < ci < 1:
+        raise ValueError(f"ci must be a confidence level in (0, 1), e.g. 0.95, got {ci!r}")
+    v = values.detach().double().cpu().numpy() if isinstance(values, Tensor) else values
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim not in (1, 2) or v.shape[0] == 0:
+        raise ValueError(f"values must be (n,) or (n, m) with n >= 1, got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("values contains NaN or inf; bootstrap per-query metric values")
+    n = v.shape[0]
+    idx = bootstrap_indices(n, n_boot, seed) if indices is None else np.asarray(indices)
+    if idx.ndim != 2 or idx.shape[1] != n or idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+        raise ValueError(
+            f"indices must be (n_boot, {n}) row indices in [0, {n}), got shape {idx.shape}"
+        )
+    flat = v.reshape(n, -1)
+    means = np.empty((idx.shape[0], flat.shape[1]))
+    block = max(1, 2**22 // n)  # resamples per block: bounds the (block, n) count matrix
+    for s in range(0, idx.shape[0], block):
+        b = idx[s : s + block]
+        offsets = np.arange(b.shape[0], dtype=np.int64)[:, None] * n
+        counts = np.bincount((b + offsets).ravel(), minlength=b.size).reshape(b.shape)
+        means[s : s + block] = counts.astype(np.float64) @ flat / n
+    alpha = (1.0 - float(ci)) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
+    shape = v.shape[1:]
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 # --------------------------------------------------------------------------- gradient flow

@@ -125,7 +125,9 @@ def plot_accuracy_vs_dim(
 ) -> Axes:
     """One line per model (e.g. "MRL" vs "full-dim only") of ``metric`` against dim, log2 x-axis.
 
-    Each DataFrame is :func:`mmlib.metrics.evaluate_matryoshka` output (index = dim).
+    Each DataFrame is :func:`mmlib.metrics.evaluate_matryoshka` or
+    :func:`mmlib.evaluation.evaluate_dataset` output (index = dim); where it has
+    ``{metric}_lo``/``{metric}_hi`` columns (``ci=0.95``) the interval is a shaded band.
     ``chance`` draws a dashed horizontal chance level (e.g. k / n_targets).
     """
     results = _as_results(results)
@@ -135,7 +137,11 @@ def plot_accuracy_vs_dim(
         y = _column(df, metric, label or "results")
         dims = [int(d) for d in df.index]
         all_dims.update(dims)
-        ax.plot(dims, y.to_numpy(dtype=float), marker="o", label=label or None)
+        (line,) = ax.plot(dims, y.to_numpy(dtype=float), marker="o", label=label or None)
+        if f"{metric}_lo" in df.columns and f"{metric}_hi" in df.columns:
+            ax.fill_between(dims, df[f"{metric}_lo"].to_numpy(dtype=float),
+                            df[f"{metric}_hi"].to_numpy(dtype=float), color=line.get_color(),
+                            alpha=0.2, linewidth=0)
     if chance is not None:
         ax.axhline(chance, color="0.5", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log", base=2)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from mmlib.metrics import (
+    bootstrap_ci,
+    bootstrap_indices,
     cosine_similarity_matrix,
     evaluate_matryoshka,
     gradient_flow,
     layer_name,
     mrr,
     ndcg_at_k,
+    per_query_metrics,
     recall_at_k,
     retrieval_cost_table,
     retrieval_metrics,
@@ -416,3 +420,87 @@ def test_ks_accept_any_integral_and_refuse_floats_and_bools():
     for bad in (5.0, [5], True):
         with pytest.raises(ValueError, match="k must be"):
             mrr(q, t, k=bad)
+
+
+# --------------------------------------------------------------------------- tie conventions
+
+TIE_KEYS = {
+    # Sort keys for target j of one query (scores s, relevant set r), best first.
+    "pessimistic": lambda s, r, j: (-s[j], j in r),  # relevant after tied irrelevant
+    "optimistic": lambda s, r, j: (-s[j], j not in r),  # relevant before tied irrelevant
+    "trec_eval": lambda s, r, j: (-s[j], -j),  # trec_eval: tied docs by docno descending
+}
+
+
+def reference_ties(scores, rel, ks, ties):
+    """Brute force with an explicit tie-break key; same outputs as ``reference``."""
+    out = {f"{m}{k}": 0.0 for m in ("top", "recall@", "ndcg@") for k in ks}
+    out["mrr"] = 0.0
+    for s, r in zip(scores, rel, strict=True):
+        order = sorted(range(len(s)), key=lambda j: TIE_KEYS[ties](s, r, j))  # noqa: B023
+        ranks = [p for p, j in enumerate(order) if j in r]
+        for k in ks:
+            out[f"top{k}"] += ranks[0] < k
+            out[f"recall@{k}"] += sum(p < k for p in ranks) / len(r)
+            dcg = sum(1 / math.log2(p + 2) for p in ranks if p < k)
+            out[f"ndcg@{k}"] += dcg / sum(1 / math.log2(i + 2) for i in range(min(k, len(r))))
+        out["mrr"] += 1 / (ranks[0] + 1)
+    return {key: v / len(scores) for key, v in out.items()}
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic", "trec_eval"])
+def test_tie_conventions_match_sorted_reference(ties):
+    rng = random.Random(5)
+    n_q, n_t, ks = 30, 25, [1, 2, 5, 30]
+    # Integer scores in {1..4}: most relevant targets tie with others, also with each other.
+    scores = [[float(rng.randint(1, 4)) for _ in range(n_t)] for _ in range(n_q)]
+    q, t = embed_scores(scores)
+    rel = [set(rng.sample(range(n_t), rng.randint(1, 5))) for _ in range(n_q)]
+    got = retrieval_metrics(q, t, ks=ks, relevant=[sorted(r) for r in rel], chunk_size=7,
+                            ties=ties)
+    assert got == pytest.approx(reference_ties(scores, rel, ks, ties))
+    per_query = per_query_metrics(q, t, ks=ks, relevant=[sorted(r) for r in rel], ties=ties)
+    assert len(per_query) == n_q
+    assert per_query.mean().to_dict() == pytest.approx(got)
+
+
+def test_tie_conventions_on_a_collapsed_encoder():
+    q, t = torch.ones(5, 8), torch.ones(5, 8)  # every score equal; query i's positive is i
+    assert topk_accuracy(q, t, ks=(1, 5), ties="optimistic") == {1: 1.0, 5: 1.0}
+    assert mrr(q, t, ties="optimistic") == 1.0
+    # trec_eval order: targets 4, 3, 2, 1, 0, so target i sits at 0-based position 4 - i.
+    assert topk_accuracy(q, t, ks=(1, 2), ties="trec_eval") == {1: 0.2, 2: 0.4}
+    assert mrr(q, t, ties="trec_eval") == pytest.approx(sum(1 / r for r in range(1, 6)) / 5)
+    df = evaluate_matryoshka(q, t, dims=[8], ks=(1,), ties="optimistic")
+    assert df.loc[8, "q2t_top1"] == 1.0 and df.loc[8, "t2q_top1"] == 1.0
+    with pytest.raises(ValueError, match="ties must be one of"):
+        recall_at_k(q, t, ties="average")
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_equals_naive_loop_and_validates():
+    rng = np.random.default_rng(0)
+    values = np.stack([rng.random(200) < 0.3, rng.random(200)], axis=1).astype(float)
+    idx = bootstrap_indices(200, 500, seed=3)
+    assert idx.shape == (500, 200) and (idx == bootstrap_indices(200, 500, seed=3)).all()
+    lo, hi = bootstrap_ci(values, ci=0.9, n_boot=500, seed=3)
+    means = np.array([values[i].mean(0) for i in idx])  # the textbook loop
+    assert lo == pytest.approx(np.quantile(means, 0.05, axis=0), abs=1e-12)
+    assert hi == pytest.approx(np.quantile(means, 0.95, axis=0), abs=1e-12)
+    assert (lo <= values.mean(0)).all() and (values.mean(0) <= hi).all()
+    lo1, hi1 = bootstrap_ci(values[:, 1], ci=0.9, n_boot=500, seed=3)
+    assert lo1.shape == () and float(lo1) == pytest.approx(lo[1]) and float(hi1) == hi[1]
+    # Width ~ 1/sqrt(n): the same values four times over give half the width.
+    lo4, hi4 = bootstrap_ci(np.tile(values, (4, 1)), ci=0.9, n_boot=2000)
+    lo_, hi_ = bootstrap_ci(values, ci=0.9, n_boot=2000)
+    assert (hi4 - lo4) / (hi_ - lo_) == pytest.approx([0.5, 0.5], abs=0.1)
+    with pytest.raises(ValueError, match="ci must be"):
+        bootstrap_ci(values, ci=95)
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_ci([0.5, float("nan")])
+    with pytest.raises(ValueError, match="indices must be"):
+        bootstrap_ci(values, indices=idx[:, :10])
+    with pytest.raises(ValueError, match="n_boot must be"):
+        bootstrap_ci(values, n_boot=0)

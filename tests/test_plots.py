@@ -126,3 +126,26 @@ def test_plot_cost_vs_accuracy_lines():
     assert len(ax.texts) == 6  # one dim label per point
     cost = retrieval_cost_table([8, 16, 32], n_corpus=40)
     assert list(cost["bytes_fp32"]) == [32, 64, 128]
+
+
+def test_plot_accuracy_vs_dim_draws_ci_bands():
+    from mmlib.evaluation import evaluate_image_caption
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(30, 32, generator=g)
+    caption_image = [i for i in range(30) for _ in range(2)]
+    text = image[caption_image] + 1.5 * torch.randn(60, 32, generator=g)
+    with_ci = evaluate_image_caption(text, image, caption_image, dims=(8, 16, None), ks=(1, 5),
+                                     ci=0.95, n_boot=200)
+    res = {"MRL": with_ci, "no CI": _results()["MRL"]}
+    ax = plot_accuracy_vs_dim(res, metric="q2t_top5")
+    assert len(ax.lines) == 2
+    assert len(ax.collections) == 1  # one band: only the frame with _lo/_hi columns
+    band = ax.collections[0]
+    # The band spans lo..hi at each dim, in the colour of its line.
+    verts = band.get_paths()[0].vertices
+    for d in (8, 16, 32):
+        ys = verts[verts[:, 0] == d, 1]
+        assert min(ys) == pytest.approx(with_ci.loc[d, "q2t_top5_lo"])
+        assert max(ys) == pytest.approx(with_ci.loc[d, "q2t_top5_hi"])
+    assert to_rgba(band.get_facecolor()[0])[:3] == to_rgba(ax.lines[0].get_color())[:3]
