@@ -26,9 +26,12 @@ tiny: install
 
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-# The two runs of the Matryoshka comparison (notebook 05 loads them when present).
+# The two runs of the Matryoshka comparison (notebook 05 loads them when present). Without
+# final/ a run continues from its newest complete checkpoint (or starts: resume=auto); with an
+# out-of-date final/ (config or install changed) it starts afresh (overwrite=true).
 runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(STAMP)
-	$(BIN)/python -m mmlib.train --config $< --set output_dir=runs/tiny_$*
+	$(BIN)/python -m mmlib.train --config $< --set output_dir=runs/tiny_$* \
+		$(if $(wildcard runs/tiny_$*/final),overwrite=true,resume=auto)
 
 train: tiny runs/tiny_mrl/final/mmlib_config.json runs/tiny_full/final/mmlib_config.json
 

@@ -8,7 +8,14 @@ One optimizer step = `grad_accum_steps` batches of `batch_size` pairs. Within a 
 of one micro-batch); accumulation across batches does *not* add negatives. AdamW with linear
 warm-up and cosine decay, AMP from the encoder config (bf16 on GPU; fp16 uses a GradScaler),
 gradient clipping with the norm logged, periodic retrieval evaluation per Matryoshka dim,
-metrics as JSONL, safetensors checkpoints that resume exactly, Ctrl-C saves a checkpoint.
+metrics as JSONL, safetensors checkpoints that resume exactly.
+
+One run per `output_dir` (mmlib/run_dir.py): a lock names the live run, a fresh run refuses a
+folder holding another run's outputs (`resume=auto` continues it, `overwrite=true` replaces
+it), and checkpoints appear whole or not at all (written under a temporary name, fsynced,
+renamed), so `resume=auto` after a kill finds the newest complete one. Ctrl-C and SIGTERM
+(cluster preemption) are acted on between steps: the last completed step is saved and the CLI
+exits with 130 / 143; an exception inside a step also saves the last completed step first.
 
 Under torchrun (`torchrun --nproc_per_node 8 -m mmlib.train --config ...`) `batch_size` is the
 global batch: each rank embeds batch_size / W pairs, the embeddings are gathered with gradient
@@ -27,9 +34,14 @@ import functools
 import json
 import logging
 import math
-import re
+import os
+import signal
 import sys
+import threading
 import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +69,18 @@ from mmlib.evaluation import evaluate_dataset
 from mmlib.fsdp import full_state_dict, full_tensor, load_full_tensor, shard_encoder
 from mmlib.gradcache import gradcache_step, split_batch
 from mmlib.losses import matryoshka_in_batch_negative_loss
+from mmlib.run_dir import (
+    CheckpointError,
+    RunLock,
+    atomic_dir,
+    checkpoint_state,
+    clear_previous_run,
+    last_good,
+    latest_checkpoint,
+    previous_run,
+    scan_checkpoints,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("mmlib")
 
@@ -85,6 +109,7 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     progress: bool = True
+    overwrite: bool = False  # a fresh run may replace the outputs of an earlier run in output_dir
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -153,13 +178,56 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Encoder settings that change the trainable parameters or their shapes: resuming a checkpoint
+# written with other values cannot work (compared before the model is built).
+SHAPE_FIELDS = ("embed_dim", "use_lora", "lora_r", "lora_target_modules")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by `Trainer.train` on SIGINT / SIGTERM, after saving the last completed step."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(f"{signal.Signals(signum).name}; checkpoint: {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def _pause_for_tests(step: int) -> None:
+    """Test hook (MMLIB_TEST_PAUSE_CHECKPOINT="<step>:<marker>"): half-way through writing
+    checkpoint <step>, create <marker> and wait until it is removed, so that a test can kill
+    or signal the run inside the write."""
+    at, _, marker = os.environ.get("MMLIB_TEST_PAUSE_CHECKPOINT", "").partition(":")
+    if not marker or int(at) != step:
+        return
+    Path(marker).touch()
+    deadline = time.monotonic() + 300
+    while Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 # -- trainer ----------------------------------------------------------------------------------
 class Trainer:
     """Owns the encoder, data, optimizer and schedule of one run."""
 
     def __init__(self, config: TrainConfig, encoder: MultimodalEncoder | None = None):
+        self._lock = RunLock(config.output_dir)  # held until train() ends or close()
+        try:
+            self._setup(config, encoder)
+        except BaseException:
+            self._lock.release()
+            raise
+        weakref.finalize(self, self._lock.release)
+
+    def close(self) -> None:
+        """Release output_dir for another run (train() does this when it ends)."""
+        self._lock.release()
+
+    def _setup(self, config: TrainConfig, encoder: MultimodalEncoder | None) -> None:
         self.config = config
         enc_cfg = config.encoder
+        if enc_cfg.batch_size < 2:
+            raise ValueError(f"encoder.batch_size={enc_cfg.batch_size}: a contrastive loss needs "
+                             "at least 2 pairs per batch (the other pairs are the negatives); "
+                             "set encoder.batch_size >= 2")
         # Under torchrun: join the process group (one GPU per rank); otherwise a no-op, world 1.
         self.dist = init_distributed(enc_cfg.device)
         if self.dist.enabled:
@@ -171,6 +239,11 @@ class Trainer:
         elif config.fsdp:
             raise ValueError("fsdp=true shards the model over torchrun processes; launch with "
                              "torchrun --nproc_per_node N (N >= 2) or set fsdp to false")
+        self.out = Path(config.output_dir)
+        self._claim_output_dir()
+        resume = self._resolve_resume(config.resume) if config.resume else None
+        if resume is not None:
+            self._check_resumable(resume)  # before the (possibly slow) model build
         torch.manual_seed(config.encoder.seed)
         self.encoder = encoder or MultimodalEncoder(config.encoder)
         broadcast_parameters(self.encoder)  # every rank starts from rank 0's weights
@@ -179,7 +252,6 @@ class Trainer:
                 raise ValueError("fsdp=true does not support fp16 mixed precision (its loss "
                                  "scaler cannot see sharded gradients): use bf16 or fp32")
             shard_encoder(self.encoder)  # before the optimizer: parameters become shards
-        self.out = Path(config.output_dir)
         self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
                                           direction=config.direction, skip_bad=config.skip_bad,
                                           with_hard_negatives=config.hard_negatives)
@@ -215,9 +287,16 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of the current epoch already consumed
         self._order: list[list[int]] = []
         self._order_epoch = -1
+        self._saved_at: int | None = None  # the step of this run's latest checkpoint
+        self._updating = False  # inside the optimizer update (weights between two steps)
+        self._pending_signal: int | None = None
         self._commit()
-        if config.resume:
-            self.load_checkpoint(self._resolve_resume(config.resume))
+        if resume is not None:
+            self.load_checkpoint(resume)
+            if resume.parent.resolve() == self.out.resolve():
+                self._saved_at = self.step
+        if config.resume and self.dist.is_main:
+            self._trim_log(self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
     def _loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -278,10 +357,12 @@ class Trainer:
         grad_norm = full_tensor(  # under FSDP, a norm over every rank's shards
             torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
         lr = self.scheduler.get_last_lr()[0]
+        self._updating = True  # an exception from here on leaves no consistent step to save
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
+        self._updating = False
         return {"loss": float(torch.stack(losses).mean()), "grad_norm": float(grad_norm), "lr": lr}
 
     def _commit(self) -> None:
@@ -311,50 +392,64 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run until `max_steps`; returns the final evaluation (and timing)."""
+        """Run until `max_steps`; returns the final evaluation (and timing). Releases
+        output_dir when it ends, however it ends."""
+        try:
+            if self.dist.is_main:
+                self._lock.acquire()  # a no-op unless an earlier train() released it
+            return self._train()
+        finally:
+            self._lock.release()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.config
         main = self.dist.is_main  # only rank 0 writes files, logs and evaluates
         # Under FSDP every forward needs every rank (to gather the layers): all ranks evaluate.
         evaluates = (main or cfg.fsdp) and self.eval_set is not None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg_path = self.out / "train_config.yaml"
-            cfg_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.out / "train_config.yaml",
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or not main,
                    desc="train", unit="step", dynamic_ncols=True)
         start = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                stats = self.train_step(self._next_batches())
-                self._commit()
-                if not math.isfinite(stats["loss"]):
-                    self.save_checkpoint()
-                    raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}; "
-                                             "checkpoint saved. Lower the learning rate or use bf16.")
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
-                                grad=f"{stats['grad_norm']:.2f}")
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    self.log({"split": "train", "epoch": self.epoch, **stats,
-                              "elapsed_s": round(time.perf_counter() - start, 3)})
-                if (cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
-                        and evaluates):
-                    self.evaluate()  # the other ranks wait in the next step's gather
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            path = self.save_checkpoint()
-            bar.close()
-            print(f"\ninterrupted at step {self.step}: checkpoint saved to {path}; resume with "
-                  f"--set resume={path}", file=sys.stderr)
+            with self._signals_deferred():
+                while self.step < cfg.max_steps:
+                    self._stop_if_signalled()
+                    stats = self.train_step(self._next_batches())
+                    self._commit()
+                    if not math.isfinite(stats["loss"]):
+                        self.save_checkpoint()
+                        raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}; "
+                                                 "checkpoint saved. Lower the learning rate or "
+                                                 "use bf16.")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                                    grad=f"{stats['grad_norm']:.2f}")
+                    if self.step % cfg.log_every == 0 or self.step == 1:
+                        self.log({"split": "train", "epoch": self.epoch, **stats,
+                                  "elapsed_s": round(time.perf_counter() - start, 3)})
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0
+                            and self.step < cfg.max_steps and evaluates):
+                        self.evaluate()  # the other ranks wait in their next collective
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save_checkpoint()
+                self._stop_if_signalled()
+        except TrainingInterrupted:
+            raise  # saved already (or a second signal: stop at once)
+        except BaseException as error:
+            self._save_after(error)
             raise
-        bar.close()
+        finally:
+            bar.close()
         train_time = time.perf_counter() - start
-        self.save_checkpoint()
+        self._checkpoint_now()
         weights = (full_state_dict(self.encoder, main, keep=self.encoder.saves_weight)
                    if cfg.fsdp else None)
         if main:
-            self.encoder.save_pretrained(self.out / "final", state_dict=weights)
+            with atomic_dir(self.out / "final") as tmp:
+                self.encoder.save_pretrained(tmp, state_dict=weights)
         del weights
         barrier()  # every rank returns once the final model is written
         result = {"train_time_s": train_time, "steps": self.step}
@@ -364,6 +459,66 @@ class Trainer:
                 df.to_csv(self.out / "eval.csv")
                 result["eval"] = df
         return result
+
+    # -- signals and failures ----------------------------------------------------------------
+    @contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        """SIGINT / SIGTERM only set a flag that the loop acts on between steps, so that a
+        checkpoint is always of a completed step; a second signal stops at once, unsaved.
+        The previous handlers come back afterwards (handlers exist only in the main thread)."""
+        self._pending_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def defer(signum: int, frame: Any) -> None:
+            if self._pending_signal is not None:
+                raise TrainingInterrupted(signum, None)
+            self._pending_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not signal.SIG_IGN:  # an ignored signal stays ignored
+                previous[sig] = handler
+                signal.signal(sig, defer)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _stop_if_signalled(self) -> None:
+        """Between steps: after SIGINT / SIGTERM (on any rank) save the step, then raise."""
+        signum = self._pending_signal or 0
+        if self.dist.enabled:  # all ranks stop at the same step (saving may be collective)
+            signum = max_over_ranks([signum], device=self.encoder.device)[0]
+        if not signum:
+            return
+        path = self._checkpoint_now()
+        if self.dist.is_main:
+            print(f"\n{signal.Signals(signum).name} at step {self.step}: checkpoint saved to "
+                  f"{path}; resume with --set resume=auto (or resume={path})", file=sys.stderr)
+        raise TrainingInterrupted(signum, path)
+
+    def _save_after(self, error: BaseException) -> None:
+        """After an exception in the loop, save the last completed step where that is sound."""
+        if self._updating:
+            logger.error("%s inside the optimizer update of step %d: no checkpoint saved (the "
+                         "weights are between two steps)", type(error).__name__, self.step + 1)
+            return
+        if self.config.fsdp:
+            logger.error("%s after step %d: no checkpoint saved (under FSDP saving needs every "
+                         "rank)", type(error).__name__, self.step)
+            return
+        try:
+            path = self._checkpoint_now()
+        except Exception as e:  # keep the original error; say why nothing was saved
+            logger.error("could not save a checkpoint after %s: %s", type(error).__name__, e)
+            return
+        if self.dist.is_main:
+            print(f"\n{type(error).__name__} after step {self.step}: checkpoint saved to {path}; "
+                  f"resume with --set resume=auto (or resume={path})", file=sys.stderr)
 
     def evaluate(self):
         """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame."""
@@ -381,6 +536,27 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def _trim_log(self, step: int) -> None:
+        """On resume: drop metrics.jsonl records after `step` (the run repeats those steps)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+        keep, unreadable = [], 0
+        for line in lines:
+            try:
+                record_step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                unreadable += 1  # e.g. a line cut short by a kill
+                continue
+            if record_step <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) < len(lines):
+            logger.warning("%s: dropped %d records after step %d (the resumed run repeats those "
+                           "steps) and %d unreadable lines", path, len(lines) - len(keep) - unreadable,
+                           step, unreadable)
+            write_text_atomic(path, "".join(keep))
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -402,19 +578,30 @@ class Trainer:
                 if main:
                     moments[f"{name}::{key}"] = whole.cpu().contiguous()
         if not main:
+            self._saved_at = self.step
             return path
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(path / "trainable.safetensors"))
         done = self._committed
         moments["rng::cpu"] = done["rng_cpu"]
         for i, s in enumerate(done["rng_cuda"]):
             moments[f"rng::cuda{i}"] = s
-        save_file(moments, str(path / "optimizer.safetensors"))
         state = {"step": self.step, "epoch": done["epoch"], "batch_in_epoch": done["batch_in_epoch"],
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "config": self.config.to_dict()}
-        (path / "state.json").write_text(json.dumps(state, indent=1))
+        # Written under a temporary name and renamed when whole: a kill leaves no half
+        # checkpoint for resume=auto to trip over.
+        with atomic_dir(path) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            _pause_for_tests(self.step)
+            save_file(moments, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        self._saved_at = self.step
         return path
+
+    def _checkpoint_now(self) -> Path:
+        """A checkpoint of the current step: written unless this run already holds it."""
+        if self._saved_at == self.step:
+            return self.out / f"checkpoint-{self.step:06d}"
+        return self.save_checkpoint()
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything `save_checkpoint` wrote, so training continues bit for bit."""
@@ -427,6 +614,14 @@ class Trainer:
         if missing:
             raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}: "
                              "was it written with another freezing / LoRA setting?")
+        wrong = [f"{n} {tuple(t.shape)} (this model: "
+                 f"{tuple(params[n].shape) if n in params else 'no such parameter'})"
+                 for n, t in weights.items() if n not in params or params[n].shape != t.shape]
+        if wrong:
+            saved = json.loads((path / "state.json").read_text()).get("config", {})
+            raise ValueError(f"checkpoint {path} does not fit this model: {wrong[:3]}; it was "
+                             f"written for model_path={saved.get('encoder', {}).get('model_path')!r}"
+                             f" (this run: {self.config.encoder.model_path!r})")
         with torch.no_grad():
             for n, t in weights.items():
                 params[n].copy_(load_full_tensor(params[n], t))  # this rank's shard under FSDP
@@ -460,13 +655,61 @@ class Trainer:
         self._commit()
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def _resolve_resume(self, resume: str) -> Path:
+    def _resolve_resume(self, resume: str) -> Path | None:
+        """The checkpoint to resume: a given folder, or for "auto" the newest complete one in
+        output_dir (None when there is none yet: the run starts at step 0)."""
         if resume != "auto":
             return Path(resume)
-        found = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
-        if not found:
-            raise FileNotFoundError(f"resume='auto' but {self.out} holds no checkpoint-* folder")
-        return found[-1]
+        found = latest_checkpoint(self.out)
+        if found is None:
+            logger.info("resume='auto': no checkpoint in %s yet, starting at step 0", self.out)
+        return found
+
+    def _check_resumable(self, path: Path) -> None:
+        """Every file of checkpoint `path` is whole and it was written for this model's shapes;
+        errors name the bad file and the last good checkpoint, or the differing settings."""
+        try:
+            state = checkpoint_state(path)
+        except CheckpointError as e:
+            others = [g for g in scan_checkpoints(path.parent)[0]
+                      if g[1].resolve() != path.resolve()]
+            raise CheckpointError(f"{e}; {last_good(others)}") from None
+        saved = state.get("config", {}).get("encoder", {})
+        ours = json.loads(json.dumps(self.config.encoder.to_dict()))  # lists, as in state.json
+        differ = {k: (saved[k], ours[k]) for k in SHAPE_FIELDS if k in saved and saved[k] != ours[k]}
+        if differ:
+            listed = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"cannot resume {path}: it was written with other model settings "
+                             f"({listed}); set them back, or start a new run in another output_dir")
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0 locks output_dir and checks it holds no other run (or clears it with
+        overwrite=true); the other ranks wait for the verdict."""
+        cfg, error = self.config, None
+        if cfg.overwrite and cfg.resume:
+            raise ValueError(f"overwrite=true starts a new run but resume={cfg.resume!r} continues "
+                             "one: set only one of them")
+        if self.dist.is_main:
+            try:
+                self._lock.acquire()
+                old = previous_run(self.out)
+                if old and cfg.overwrite:
+                    logger.warning("overwrite=true: deleting the earlier run's outputs in %s: %s",
+                                   self.out, ", ".join(p.name for p in old))
+                    clear_previous_run(self.out)
+                elif old and not cfg.resume:
+                    raise FileExistsError(
+                        f"output_dir {self.out} holds an earlier run "
+                        f"({', '.join(p.name for p in old[:6])}): continue it with resume=auto, "
+                        "replace it with overwrite=true, or choose another output_dir")
+            except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
+                error = e
+        if self.dist.enabled:  # a collective: every rank learns whether rank 0 failed
+            failed = max_over_ranks([int(error is not None)], self.dist.device)[0]
+            if failed and error is None:
+                raise RuntimeError(f"rank 0 could not claim output_dir {self.out}: see its error")
+        if error is not None:
+            raise error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -481,8 +724,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = Trainer(config)
         result = trainer.train()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # 130 after Ctrl-C, 143 after SIGTERM (checkpoint saved)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     finally:
         cleanup()  # leave the torchrun process group, if any
     if not trainer.dist.is_main:
