@@ -1,4 +1,4 @@
-"""Image–caption data: a manifest-backed dataset, a collate function and a length-bucketing sampler.
+"""Image–caption data: a manifest-backed dataset, a collate function and batch samplers.
 
 A manifest is JSONL (one object per line) or CSV with at least the columns ``image`` (a path
 relative to the manifest's folder, or absolute) and ``text``; optional ``split`` and
@@ -10,7 +10,7 @@ identity is its ``image_id`` when the manifest gives one, else its resolved path
 image twice.
 
     ds = ImageTextDataset("data_samples/synthetic/manifest.jsonl", split="train")
-    sampler = LengthBucketSampler(text_lengths(ds.texts, processor), batch_size=16)
+    sampler = NoDuplicatesBatchSampler(ds.image_ids, ds.texts, batch_size=16, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ImageTextCollator(processor))
 """
 
@@ -308,10 +308,119 @@ class ImageTextCollator:
         }
 
 
-# --------------------------------------------------------------------------------- sampler
+# -------------------------------------------------------------------------------- samplers
+BATCH_SAMPLERS = ("no_duplicates", "length_grouped")
+
+
+def caption_key(text: str) -> str:
+    """What makes two captions "the same" for batching: case, spacing and a final period ignored."""
+    return " ".join(text.lower().split()).rstrip(" .")
+
+
+class NoDuplicatesBatchSampler(Sampler[list[int]]):
+    """Uniformly shuffled batches in which no image and no caption appears twice.
+
+    For in-batch-negative losses the batch *is* the set of negatives: a second caption of the
+    same image (or the same caption of another image) would be a false negative. Like
+    sentence-transformers' `NoDuplicatesBatchSampler`: shuffle the rows, then fill each batch
+    in that order, deferring a row whose image id or caption (`caption_key`) is already in the
+    batch to a later batch. Unlike it, nothing is resampled: every row appears at most once
+    per epoch (`drop_last=False`: exactly once, conflicting leftovers in short batches;
+    `drop_last=True`: only full batches, the leftovers are dropped), and `len()` is the exact
+    number of batches of the current epoch. Deterministic given `seed` and the epoch
+    (`set_epoch`), so a fresh sampler re-creates any epoch's list exactly.
+    """
+
+    def __init__(
+        self,
+        image_ids: Sequence[str],
+        texts: Sequence[str],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(image_ids) != len(texts):
+            raise ValueError(f"got {len(image_ids)} image ids but {len(texts)} texts: pass one "
+                             "of each per row (dataset.image_ids, dataset.texts)")
+        if len(image_ids) == 0:
+            raise ValueError("image_ids is empty: nothing to sample")
+        self.image_keys = _dense_ids(image_ids)
+        self.text_keys = _dense_ids([caption_key(t) for t in texts])
+        n_images, n_texts = max(self.image_keys) + 1, max(self.text_keys) + 1
+        if drop_last and min(n_images, n_texts) < batch_size:
+            what = "images" if n_images < batch_size else "captions"
+            raise ValueError(f"only {min(n_images, n_texts)} distinct {what} for batch_size="
+                             f"{batch_size}: no batch can avoid repeating one; lower the batch "
+                             "size or use drop_last=False")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (changes the order when shuffling)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        n = len(self.image_keys)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = (torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)).tolist()
+        # Rows not yet batched, as a linked list over `order`: filling a batch scans from the
+        # head and unlinks what it takes, so a deferred row keeps its place for the next batch.
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        head, batches = 0, []
+        while head != -1:
+            batch, images, texts = [], set(), set()
+            pos, prev = head, -1
+            while pos != -1 and len(batch) < self.batch_size:
+                i = order[pos]
+                if self.image_keys[i] in images or self.text_keys[i] in texts:
+                    prev = pos  # conflict: defer it, keep scanning
+                else:
+                    batch.append(i)
+                    images.add(self.image_keys[i])
+                    texts.add(self.text_keys[i])
+                    if prev == -1:
+                        head = nxt[pos]
+                    else:
+                        nxt[prev] = nxt[pos]
+                pos = nxt[pos]
+            if len(batch) == self.batch_size or not self.drop_last:
+                batches.append(batch)
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self._batches()])
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _dense_ids(values: Sequence[Any]) -> list[int]:
+    """0..k-1 labels, equal where the values are equal."""
+    index: dict[Any, int] = {}
+    return [index.setdefault(v, len(index)) for v in values]
+
+
 class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of similar length: shuffle, cut into pools of batch_size x multiplier, sort each
-    pool by length, cut into batches, then shuffle the batch order.
+    """Batches of similar length (opt-in: `TrainConfig.batch_sampler="length_grouped"`):
+    shuffle, cut into pools of batch_size x multiplier, sort each pool by length, cut into
+    batches, then shuffle the batch order.
+
+    This shapes the negatives: with an in-batch-negative loss every batch holds only captions
+    of about one length (when the pool covers the whole set, of exactly one length), so the
+    model learns to tell apart captions of equal length only. It saves padding, and it does not
+    keep an image or caption from appearing twice in a batch; `NoDuplicatesBatchSampler` is the
+    default for training.
 
     Deterministic given `seed` and the epoch (`set_epoch`); every index appears exactly once
     per epoch (only the last batch may be short, and `drop_last` drops it). Use as a

@@ -20,6 +20,8 @@ from mmlib.data import (
     ImageTextCollator,
     ImageTextDataset,
     LengthBucketSampler,
+    NoDuplicatesBatchSampler,
+    caption_key,
     padding_fraction,
     read_manifest,
     text_lengths,
@@ -414,3 +416,125 @@ def test_text_lengths_and_padding_fraction():
     assert text_lengths([], _FakeProcessor()) == []
     assert padding_fraction([[0, 1]], [3, 1]) == pytest.approx(2 / 6)
     assert padding_fraction([[0], [1]], [3, 1]) == 0.0
+
+
+# ---------------------------------------------------------------- no-duplicates batch sampler
+def _five_captions(n_images: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
+    """5 captions per image, lengths 2-14 words, and captions repeated across images (also
+    up to case / spacing / a final period, which `caption_key` treats as identical)."""
+    rng = random.Random(seed)
+    ids, texts = [], []
+    for img in range(n_images):
+        for k in range(5):
+            ids.append(f"img{img}")
+            texts.append(" ".join(f"w{img}_{k}_{j}" for j in range(rng.randint(2, 14))))
+    texts[7] = texts[30]                        # images 1 and 6 share a caption
+    texts[12], texts[55] = "A dog runs.", "a  dog runs"  # images 2 and 11, up to case/period
+    texts[100] = texts[101] = texts[160]        # image 20 has one caption twice, image 32 too
+    return ids, texts
+
+
+def _assert_no_duplicates(batches, ids, texts):
+    for b in batches:
+        assert len({ids[i] for i in b}) == len(b), f"an image repeats in batch {b}"
+        assert len({caption_key(texts[i]) for i in b}) == len(b), f"a caption repeats in {b}"
+
+
+def test_caption_key_ignores_case_spacing_and_final_period():
+    assert caption_key("A dog runs.") == caption_key(" a  dog runs ") == "a dog runs"
+    assert caption_key("a dog runs") != caption_key("a dog ran")
+
+
+@pytest.mark.parametrize("bs,drop_last", [(16, True), (16, False), (7, True), (40, True)])
+def test_no_duplicates_sampler_properties(bs, drop_last):
+    ids, texts = _five_captions()
+    s = NoDuplicatesBatchSampler(ids, texts, bs, seed=0, drop_last=drop_last)
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) > 0  # len() is exact, for every epoch
+        _assert_no_duplicates(batches, ids, texts)
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)), "a row twice in one epoch"
+        if drop_last:
+            assert all(len(b) == bs for b in batches)
+            assert len(flat) >= len(ids) - 2 * bs  # only the conflicting tail is left out
+        else:
+            assert sorted(flat) == list(range(len(ids)))  # every row exactly once
+
+
+def test_no_duplicates_sampler_is_deterministic_and_resumable():
+    ids, texts = _five_captions()
+    a = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)
+    b = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)
+    assert list(a) == list(b) == list(a)
+    a.set_epoch(3)
+    assert list(a) != list(b)
+    resumed = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)  # a fresh one re-creates epoch 3
+    resumed.set_epoch(3)
+    assert list(resumed) == list(a)
+    assert list(NoDuplicatesBatchSampler(ids, texts, 16, seed=2)) != list(b)
+    ordered = list(NoDuplicatesBatchSampler(ids, texts, 16, shuffle=False))
+    _assert_no_duplicates(ordered, ids, texts)
+    assert ordered[0] == [5 * k for k in range(16)]  # in order, deferring rows of seen images
+
+
+def _spread(batches, lengths):
+    """Mean within-batch standard deviation of caption lengths."""
+    return float(np.mean([np.std([lengths[i] for i in b]) for b in batches]))
+
+
+def test_no_duplicates_batches_are_not_length_sorted():
+    ids, texts = _five_captions()
+    lengths = [len(t.split()) for t in texts]
+    shuffled = NoDuplicatesBatchSampler(ids, texts, 16, seed=0)
+    bucketed = LengthBucketSampler(lengths, 16, seed=0, drop_last=True)
+    for epoch in range(3):
+        shuffled.set_epoch(epoch)
+        bucketed.set_epoch(epoch)
+        order = list(range(len(ids)))
+        random.Random(epoch).shuffle(order)
+        random_batches = [order[i:i + 16] for i in range(0, len(order) - 15, 16)]
+        assert _spread(list(shuffled), lengths) > 0.8 * _spread(random_batches, lengths)
+        assert _spread(list(bucketed), lengths) < 0.3 * _spread(random_batches, lengths)
+        flat = [i for b in shuffled for i in b]  # and the order is a shuffle, not the index order
+        assert abs(np.corrcoef(flat, np.arange(len(flat)))[0, 1]) < 0.3
+
+
+def test_no_duplicates_sampler_rejects_bad_input():
+    ids, texts = (x[:20] for x in _five_captions())  # 4 images
+    with pytest.raises(ValueError, match="batch_size"):
+        NoDuplicatesBatchSampler(ids, texts, 0)
+    with pytest.raises(ValueError, match="empty"):
+        NoDuplicatesBatchSampler([], [], 4)
+    with pytest.raises(ValueError, match=r"20 image ids but 19 texts"):
+        NoDuplicatesBatchSampler(ids, texts[:-1], 4)
+    with pytest.raises(ValueError, match=r"only 4 distinct images.*batch_size=5"):
+        NoDuplicatesBatchSampler(ids, texts, 5, drop_last=True)
+
+
+def test_distributed_wrapper_shards_no_duplicates_batches():
+    from mmlib.distributed import DistributedBatchSampler
+
+    ids, texts = _five_captions()
+    glob = NoDuplicatesBatchSampler(ids, texts, 12, seed=3)
+    ranks = [DistributedBatchSampler(NoDuplicatesBatchSampler(ids, texts, 12, seed=3), r, 3)
+             for r in range(3)]
+    for epoch in (0, 1):
+        glob.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        expected = list(glob)
+        per_rank = [list(s) for s in ranks]
+        assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
+        for k, batch in enumerate(expected):
+            assert sum((p[k] for p in per_rank), []) == batch
+
+
+def test_train_config_batch_sampler_is_validated():
+    from mmlib.train import TrainConfig
+
+    assert TrainConfig().batch_sampler == "no_duplicates"
+    assert TrainConfig(batch_sampler="length_grouped").batch_sampler == "length_grouped"
+    with pytest.raises(ValueError, match=r"batch_sampler must be one of .*'no_duplicates'"):
+        TrainConfig(batch_sampler="random")
