@@ -20,7 +20,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,21 @@ def read_manifest(manifest: str | Path) -> list[ManifestRow]:
     return rows
 
 
+def select_split(rows: list[ManifestRow], split: str | None, source: str | Path) -> list[ManifestRow]:
+    """The rows of `split` (all rows for None); errors name the source and the splits it has."""
+    if split is None:
+        return rows
+    if any(r.split is None for r in rows):
+        first = next(r for r in rows if r.split is None)
+        raise ValueError(f"split={split!r} requested but {first.where(source)} has no 'split' "
+                         "value; pass split=None to use every row")
+    available = sorted({r.split for r in rows})
+    rows = [r for r in rows if r.split == split]
+    if not rows:
+        raise ValueError(f"unknown split {split!r} in {source}; available: {available}")
+    return rows
+
+
 # --------------------------------------------------------------------------------- dataset
 class ImageTextDataset(Dataset):
     """Image–caption pairs from a manifest; items are dicts with a PIL RGB image and its text.
@@ -153,24 +168,75 @@ class ImageTextDataset(Dataset):
         skip_bad: bool = False,
         with_hard_negatives: bool = False,
     ):
+        manifest = Path(manifest)
+        self._setup(read_manifest(manifest), manifest, root if root is not None else manifest.parent,
+                    split, direction, skip_bad, with_hard_negatives)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: list[ManifestRow],
+        source: str | Path,
+        root: str | Path | None = None,
+        split: str | None = None,
+        direction: str = "text2image",
+        skip_bad: bool = False,
+        with_hard_negatives: bool = False,
+        loader: Callable[[ManifestRow], Image.Image] | None = None,
+    ) -> ImageTextDataset:
+        """A dataset of parsed rows (what the readers build). `source` names them in errors;
+        `loader(row)`, when given, returns a row's image instead of opening `root / row.image`."""
+        self = cls.__new__(cls)
+        self._setup(rows, source, root, split, direction, skip_bad, with_hard_negatives, loader)
+        return self
+
+    @classmethod
+    def from_coco(cls, annotations: str | Path, image_root: str | Path,
+                  split: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """COCO captions JSON (`images` [{id, file_name}], `annotations` [{image_id, caption}]):
+        one row per caption, image identity the COCO image id. See `mmlib.readers.read_coco`."""
+        from mmlib.readers import read_coco
+
+        return cls.from_rows(read_coco(annotations, split), Path(annotations), image_root,
+                             split, **kwargs)
+
+    @classmethod
+    def from_flickr30k(cls, captions: str | Path, image_root: str | Path,
+                       split: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """Flickr30k (or 8k) captions: `results_20130124.token`, the Kaggle `results.csv`, or
+        the Karpathy split `dataset_flickr30k.json` (the only one with splits); image identity
+        the file name. See `mmlib.readers.read_flickr30k`."""
+        from mmlib.readers import read_flickr30k
+
+        return cls.from_rows(read_flickr30k(captions, split), Path(captions), image_root,
+                             split, **kwargs)
+
+    @classmethod
+    def from_hf(cls, dataset: Any, image_column: str = "image",
+                caption_columns: Sequence[str] = ("text",), split: str | None = None,
+                image_id_column: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """A Hugging Face `datasets.Dataset` (or a `DatasetDict` and its `split`) with an image
+        column and caption columns (strings or lists of strings): one row per caption. Image
+        identity: `image_id_column`, else the image's file path, else the record's index.
+        See `mmlib.readers.read_hf`."""
+        from mmlib.readers import read_hf
+
+        rows, source, loader, split = read_hf(dataset, image_column, caption_columns, split,
+                                              image_id_column)
+        return cls.from_rows(rows, source, None, split, loader=loader, **kwargs)
+
+    def _setup(self, rows: list[ManifestRow], source: str | Path, root: str | Path | None,
+               split: str | None, direction: str, skip_bad: bool, with_hard_negatives: bool,
+               loader: Callable[[ManifestRow], Image.Image] | None = None) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        self.manifest = Path(manifest)
-        self.root = Path(root) if root is not None else self.manifest.parent
+        self.manifest = source
+        self.root = Path(root) if root is not None else None
         self.split = split
         self.direction = direction
         self.with_hard_negatives = with_hard_negatives
-        rows = read_manifest(self.manifest)
-        if split is not None:
-            if any(r.split is None for r in rows):
-                first = next(r for r in rows if r.split is None)
-                raise ValueError(f"split={split!r} requested but {first.where(self.manifest)} "
-                                 "has no 'split' value; pass split=None to use every row")
-            available = sorted({r.split for r in rows})
-            rows = [r for r in rows if r.split == split]
-            if not rows:
-                raise ValueError(f"unknown split {split!r} in {self.manifest}; "
-                                 f"available: {available}")
+        self._loader = loader
+        rows = select_split(rows, split, source)
         self.skipped: list[dict] = []
         if skip_bad:
             rows = self._drop_unreadable(rows)
@@ -183,7 +249,7 @@ class ImageTextDataset(Dataset):
         good = []
         for r in rows:
             try:
-                load_image(self.image_path(r))
+                self._read_image(r)
             except ImageLoadError as e:
                 self.skipped.append({"row": r.row, "image": r.image, "error": str(e)})
             else:
@@ -200,13 +266,20 @@ class ImageTextDataset(Dataset):
 
     def image_path(self, row: ManifestRow) -> Path:
         """Absolute or root-relative path of a row's image."""
+        if self._loader is not None:
+            raise ValueError(f"{self.manifest} has no image files (its images come from a "
+                             "loader, e.g. a Hugging Face dataset): use dataset.image_for(i) or "
+                             "dataset[i]['image']")
         p = Path(row.image)
-        return p if p.is_absolute() else self.root / p
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+    def _read_image(self, row: ManifestRow) -> Image.Image:
+        return self._loader(row) if self._loader is not None else load_image(self.image_path(row))
 
     def load_row_image(self, row: ManifestRow) -> Image.Image:
         """RGB image of a row; errors name the file and the manifest row."""
         try:
-            return load_image(self.image_path(row))
+            return self._read_image(row)
         except ImageLoadError as e:
             raise ImageLoadError(
                 f"{row.where(self.manifest)}: cannot read image '{row.image}': {e}") from e
@@ -218,13 +291,15 @@ class ImageTextDataset(Dataset):
 
     @property
     def image_paths(self) -> list[Path]:
-        """Image paths in dataset order."""
+        """Image paths in dataset order (a dataset without files raises: use `image_for`)."""
         return [self.image_path(r) for r in self.rows]
 
     def image_for(self, index: int) -> Any:
-        """What to hand `encode_images` for row `index` (a path here; readers without files
-        may return a PIL image). Nothing is decoded until the encoder reads it."""
-        return self.image_path(self.rows[index])
+        """What to hand `encode_images` for row `index`: a path, or for a dataset without
+        files (e.g. Hugging Face images stored as bytes) its PIL image. Nothing is decoded
+        for files until the encoder reads them."""
+        row = self.rows[index]
+        return self.load_row_image(row) if self._loader is not None else self.image_path(row)
 
     def image_id(self, row: ManifestRow) -> str:
         """A row's image identity: its explicit `image_id`, else its resolved path."""
