@@ -9,6 +9,12 @@ identity is its ``image_id`` when the manifest gives one, else its resolved path
 (`ImageTextDataset.image_ids`): evaluation embeds each image once, and batches never hold one
 image twice.
 
+Real caption sets read into the same object (no download; see `mmlib.readers`):
+`ImageTextDataset.from_coco(json, image_root)`, `.from_flickr30k(token_csv_or_karpathy_json,
+image_root, split=None)`, `.from_hf(datasets_obj, image_column="image", caption_columns=("text",))`.
+Training batches come from `NoDuplicatesBatchSampler` (shuffled, no image or caption twice in
+a batch); `LengthBucketSampler` is an opt-in that shapes the negatives.
+
     ds = ImageTextDataset("data_samples/synthetic/manifest.jsonl", split="train")
     sampler = NoDuplicatesBatchSampler(ds.image_ids, ds.texts, batch_size=16, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ImageTextCollator(processor))
