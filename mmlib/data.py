@@ -1,4 +1,4 @@
-"""Image–caption data: a manifest-backed dataset, a collate function and a length-bucketing sampler.
+"""Image–caption data: a manifest-backed dataset, a collate function and batch samplers.
 
 A manifest is JSONL (one object per line) or CSV with at least the columns ``image`` (a path
 relative to the manifest's folder, or absolute) and ``text``; optional ``split`` and
@@ -9,8 +9,14 @@ identity is its ``image_id`` when the manifest gives one, else its resolved path
 (`ImageTextDataset.image_ids`): evaluation embeds each image once, and batches never hold one
 image twice.
 
+Real caption sets read into the same object (no download; see `mmlib.readers`):
+`ImageTextDataset.from_coco(json, image_root)`, `.from_flickr30k(token_csv_or_karpathy_json,
+image_root, split=None)`, `.from_hf(datasets_obj, image_column="image", caption_columns=("text",))`.
+Training batches come from `NoDuplicatesBatchSampler` (shuffled, no image or caption twice in
+a batch); `LengthBucketSampler` is an opt-in that shapes the negatives.
+
     ds = ImageTextDataset("data_samples/synthetic/manifest.jsonl", split="train")
-    sampler = LengthBucketSampler(text_lengths(ds.texts, processor), batch_size=16)
+    sampler = NoDuplicatesBatchSampler(ds.image_ids, ds.texts, batch_size=16, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ImageTextCollator(processor))
 """
 
@@ -21,7 +27,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +151,21 @@ def _utf8_text(path: Path, newline: str | None = None) -> io.StringIO:
                          f"`iconv -f latin1 -t utf-8` for Latin-1") from e
 
 
+def select_split(rows: list[ManifestRow], split: str | None, source: str | Path) -> list[ManifestRow]:
+    """The rows of `split` (all rows for None); errors name the source and the splits it has."""
+    if split is None:
+        return rows
+    if any(r.split is None for r in rows):
+        first = next(r for r in rows if r.split is None)
+        raise ValueError(f"split={split!r} requested but {first.where(source)} has no 'split' "
+                         "value; pass split=None to use every row")
+    available = sorted({r.split for r in rows})
+    rows = [r for r in rows if r.split == split]
+    if not rows:
+        raise ValueError(f"unknown split {split!r} in {source}; available: {available}")
+    return rows
+
+
 # --------------------------------------------------------------------------------- dataset
 class ImageTextDataset(Dataset):
     """Image–caption pairs from a manifest; items are dicts with a PIL RGB image and its text.
@@ -167,24 +188,75 @@ class ImageTextDataset(Dataset):
         skip_bad: bool = False,
         with_hard_negatives: bool = False,
     ):
+        manifest = Path(manifest)
+        self._setup(read_manifest(manifest), manifest, root if root is not None else manifest.parent,
+                    split, direction, skip_bad, with_hard_negatives)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: list[ManifestRow],
+        source: str | Path,
+        root: str | Path | None = None,
+        split: str | None = None,
+        direction: str = "text2image",
+        skip_bad: bool = False,
+        with_hard_negatives: bool = False,
+        loader: Callable[[ManifestRow], Image.Image] | None = None,
+    ) -> ImageTextDataset:
+        """A dataset of parsed rows (what the readers build). `source` names them in errors;
+        `loader(row)`, when given, returns a row's image instead of opening `root / row.image`."""
+        self = cls.__new__(cls)
+        self._setup(rows, source, root, split, direction, skip_bad, with_hard_negatives, loader)
+        return self
+
+    @classmethod
+    def from_coco(cls, annotations: str | Path, image_root: str | Path,
+                  split: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """COCO captions JSON (`images` [{id, file_name}], `annotations` [{image_id, caption}]):
+        one row per caption, image identity the COCO image id. See `mmlib.readers.read_coco`."""
+        from mmlib.readers import read_coco
+
+        return cls.from_rows(read_coco(annotations, split), Path(annotations), image_root,
+                             split, **kwargs)
+
+    @classmethod
+    def from_flickr30k(cls, captions: str | Path, image_root: str | Path,
+                       split: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """Flickr30k (or 8k) captions: `results_20130124.token`, the Kaggle `results.csv`, or
+        the Karpathy split `dataset_flickr30k.json` (the only one with splits); image identity
+        the file name. See `mmlib.readers.read_flickr30k`."""
+        from mmlib.readers import read_flickr30k
+
+        return cls.from_rows(read_flickr30k(captions, split), Path(captions), image_root,
+                             split, **kwargs)
+
+    @classmethod
+    def from_hf(cls, dataset: Any, image_column: str = "image",
+                caption_columns: Sequence[str] = ("text",), split: str | None = None,
+                image_id_column: str | None = None, **kwargs: Any) -> ImageTextDataset:
+        """A Hugging Face `datasets.Dataset` (or a `DatasetDict` and its `split`) with an image
+        column and caption columns (strings or lists of strings): one row per caption. Image
+        identity: `image_id_column`, else the image's file path, else the record's index.
+        See `mmlib.readers.read_hf`."""
+        from mmlib.readers import read_hf
+
+        rows, source, loader, split = read_hf(dataset, image_column, caption_columns, split,
+                                              image_id_column)
+        return cls.from_rows(rows, source, None, split, loader=loader, **kwargs)
+
+    def _setup(self, rows: list[ManifestRow], source: str | Path, root: str | Path | None,
+               split: str | None, direction: str, skip_bad: bool, with_hard_negatives: bool,
+               loader: Callable[[ManifestRow], Image.Image] | None = None) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        self.manifest = Path(manifest)
-        self.root = Path(root) if root is not None else self.manifest.parent
+        self.manifest = source
+        self.root = Path(root) if root is not None else None
         self.split = split
         self.direction = direction
         self.with_hard_negatives = with_hard_negatives
-        rows = read_manifest(self.manifest)
-        if split is not None:
-            if any(r.split is None for r in rows):
-                first = next(r for r in rows if r.split is None)
-                raise ValueError(f"split={split!r} requested but {first.where(self.manifest)} "
-                                 "has no 'split' value; pass split=None to use every row")
-            available = sorted({r.split for r in rows})
-            rows = [r for r in rows if r.split == split]
-            if not rows:
-                raise ValueError(f"unknown split {split!r} in {self.manifest}; "
-                                 f"available: {available}")
+        self._loader = loader
+        rows = select_split(rows, split, source)
         self.skipped: list[dict] = []
         if skip_bad:
             rows = self._drop_unreadable(rows)
@@ -197,7 +269,7 @@ class ImageTextDataset(Dataset):
         good = []
         for r in rows:
             try:
-                load_image(self.image_path(r))
+                self._read_image(r)
             except ImageLoadError as e:
                 self.skipped.append({"row": r.row, "image": r.image, "error": str(e)})
             else:
@@ -214,13 +286,20 @@ class ImageTextDataset(Dataset):
 
     def image_path(self, row: ManifestRow) -> Path:
         """Absolute or root-relative path of a row's image."""
+        if self._loader is not None:
+            raise ValueError(f"{self.manifest} has no image files (its images come from a "
+                             "loader, e.g. a Hugging Face dataset): use dataset.image_for(i) or "
+                             "dataset[i]['image']")
         p = Path(row.image)
-        return p if p.is_absolute() else self.root / p
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+    def _read_image(self, row: ManifestRow) -> Image.Image:
+        return self._loader(row) if self._loader is not None else load_image(self.image_path(row))
 
     def load_row_image(self, row: ManifestRow) -> Image.Image:
         """RGB image of a row; errors name the file and the manifest row."""
         try:
-            return load_image(self.image_path(row))
+            return self._read_image(row)
         except ImageLoadError as e:
             raise ImageLoadError(
                 f"{row.where(self.manifest)}: cannot read image '{row.image}': {e}") from e
@@ -232,13 +311,15 @@ class ImageTextDataset(Dataset):
 
     @property
     def image_paths(self) -> list[Path]:
-        """Image paths in dataset order."""
+        """Image paths in dataset order (a dataset without files raises: use `image_for`)."""
         return [self.image_path(r) for r in self.rows]
 
     def image_for(self, index: int) -> Any:
-        """What to hand `encode_images` for row `index` (a path here; readers without files
-        may return a PIL image). Nothing is decoded until the encoder reads it."""
-        return self.image_path(self.rows[index])
+        """What to hand `encode_images` for row `index`: a path, or for a dataset without
+        files (e.g. Hugging Face images stored as bytes) its PIL image. Nothing is decoded
+        for files until the encoder reads them."""
+        row = self.rows[index]
+        return self.load_row_image(row) if self._loader is not None else self.image_path(row)
 
     def image_id(self, row: ManifestRow) -> str:
         """A row's image identity: its explicit `image_id`, else its resolved path."""
@@ -322,10 +403,119 @@ class ImageTextCollator:
         }
 
 
-# --------------------------------------------------------------------------------- sampler
+# -------------------------------------------------------------------------------- samplers
+BATCH_SAMPLERS = ("no_duplicates", "length_grouped")
+
+
+def caption_key(text: str) -> str:
+    """What makes two captions "the same" for batching: case, spacing and a final period ignored."""
+    return " ".join(text.lower().split()).rstrip(" .")
+
+
+class NoDuplicatesBatchSampler(Sampler[list[int]]):
+    """Uniformly shuffled batches in which no image and no caption appears twice.
+
+    For in-batch-negative losses the batch *is* the set of negatives: a second caption of the
+    same image (or the same caption of another image) would be a false negative. Like
+    sentence-transformers' `NoDuplicatesBatchSampler`: shuffle the rows, then fill each batch
+    in that order, deferring a row whose image id or caption (`caption_key`) is already in the
+    batch to a later batch. Unlike it, nothing is resampled: every row appears at most once
+    per epoch (`drop_last=False`: exactly once, conflicting leftovers in short batches;
+    `drop_last=True`: only full batches, the leftovers are dropped), and `len()` is the exact
+    number of batches of the current epoch. Deterministic given `seed` and the epoch
+    (`set_epoch`), so a fresh sampler re-creates any epoch's list exactly.
+    """
+
+    def __init__(
+        self,
+        image_ids: Sequence[str],
+        texts: Sequence[str],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(image_ids) != len(texts):
+            raise ValueError(f"got {len(image_ids)} image ids but {len(texts)} texts: pass one "
+                             "of each per row (dataset.image_ids, dataset.texts)")
+        if len(image_ids) == 0:
+            raise ValueError("image_ids is empty: nothing to sample")
+        self.image_keys = _dense_ids(image_ids)
+        self.text_keys = _dense_ids([caption_key(t) for t in texts])
+        n_images, n_texts = max(self.image_keys) + 1, max(self.text_keys) + 1
+        if drop_last and min(n_images, n_texts) < batch_size:
+            what = "images" if n_images < batch_size else "captions"
+            raise ValueError(f"only {min(n_images, n_texts)} distinct {what} for batch_size="
+                             f"{batch_size}: no batch can avoid repeating one; lower the batch "
+                             "size or use drop_last=False")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (changes the order when shuffling)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        n = len(self.image_keys)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = (torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)).tolist()
+        # Rows not yet batched, as a linked list over `order`: filling a batch scans from the
+        # head and unlinks what it takes, so a deferred row keeps its place for the next batch.
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        head, batches = 0, []
+        while head != -1:
+            batch, images, texts = [], set(), set()
+            pos, prev = head, -1
+            while pos != -1 and len(batch) < self.batch_size:
+                i = order[pos]
+                if self.image_keys[i] in images or self.text_keys[i] in texts:
+                    prev = pos  # conflict: defer it, keep scanning
+                else:
+                    batch.append(i)
+                    images.add(self.image_keys[i])
+                    texts.add(self.text_keys[i])
+                    if prev == -1:
+                        head = nxt[pos]
+                    else:
+                        nxt[prev] = nxt[pos]
+                pos = nxt[pos]
+            if len(batch) == self.batch_size or not self.drop_last:
+                batches.append(batch)
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self._batches()])
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _dense_ids(values: Sequence[Any]) -> list[int]:
+    """0..k-1 labels, equal where the values are equal."""
+    index: dict[Any, int] = {}
+    return [index.setdefault(v, len(index)) for v in values]
+
+
 class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of similar length: shuffle, cut into pools of batch_size x multiplier, sort each
-    pool by length, cut into batches, then shuffle the batch order.
+    """Batches of similar length (opt-in: `TrainConfig.batch_sampler="length_grouped"`):
+    shuffle, cut into pools of batch_size x multiplier, sort each pool by length, cut into
+    batches, then shuffle the batch order.
+
+    This shapes the negatives: with an in-batch-negative loss every batch holds only captions
+    of about one length (when the pool covers the whole set, of exactly one length), so the
+    model learns to tell apart captions of equal length only. It saves padding, and it does not
+    keep an image or caption from appearing twice in a batch; `NoDuplicatesBatchSampler` is the
+    default for training.
 
     Deterministic given `seed` and the epoch (`set_epoch`); every index appears exactly once
     per epoch (only the last batch may be short, and `drop_last` drops it). Use as a

@@ -52,7 +52,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmlib.config import EncoderConfig
-from mmlib.data import ImageTextCollator, ImageTextDataset, LengthBucketSampler, text_lengths
+from mmlib.data import (
+    BATCH_SAMPLERS,
+    ImageTextCollator,
+    ImageTextDataset,
+    LengthBucketSampler,
+    NoDuplicatesBatchSampler,
+    text_lengths,
+)
 from mmlib.distributed import (
     DistributedBatchSampler,
     average_gradients,
@@ -110,6 +117,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     progress: bool = True
     overwrite: bool = False  # a fresh run may replace the outputs of an earlier run in output_dir
+    # "no_duplicates": shuffled, no image or caption twice in a batch; "length_grouped": batches
+    # of similar caption length (less padding, but every batch's negatives have one length)
+    batch_sampler: str = "no_duplicates"
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -123,6 +133,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be positive or None, got {self.micro_batch_size!r}")
+        if self.batch_sampler not in BATCH_SAMPLERS:
+            raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {self.batch_sampler!r}")
 
     @property
     def loss_dims(self) -> list[int]:
@@ -258,9 +270,14 @@ class Trainer:
         self.eval_set = (ImageTextDataset(config.manifest, split=config.eval_split,
                                           skip_bad=config.skip_bad)
                          if config.eval_split else None)
-        lengths = text_lengths(self.train_set.texts, self.encoder.processor.tokenizer)
-        self.sampler = LengthBucketSampler(lengths, enc_cfg.batch_size, shuffle=True,
-                                           seed=enc_cfg.seed, drop_last=True)
+        if config.batch_sampler == "length_grouped":
+            lengths = text_lengths(self.train_set.texts, self.encoder.processor.tokenizer)
+            self.sampler = LengthBucketSampler(lengths, enc_cfg.batch_size, shuffle=True,
+                                               seed=enc_cfg.seed, drop_last=True)
+        else:  # raises when there are fewer distinct images or captions than batch_size
+            self.sampler = NoDuplicatesBatchSampler(self.train_set.image_ids, self.train_set.texts,
+                                                    enc_cfg.batch_size, shuffle=True,
+                                                    seed=enc_cfg.seed, drop_last=True)
         if len(self.sampler) == 0:
             raise ValueError(f"batch_size={enc_cfg.batch_size} is larger than the "
                              f"{len(self.train_set)} training rows")

@@ -1,13 +1,11 @@
-"""Tests for the synthetic generator, the committed samples and mmlib.data (no model needed)."""
+"""Tests for the synthetic generator, the committed samples and mmlib.data (the last test builds the tiny model)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from mmlib import synthetic
 from mmlib.data import (
     ImageTextCollator,
     ImageTextDataset,
     LengthBucketSampler,
+    NoDuplicatesBatchSampler,
+    caption_key,
     padding_fraction,
     read_manifest,
     text_lengths,
@@ -32,17 +33,9 @@ SYNTHETIC = SAMPLES / "synthetic" / "manifest.jsonl"
 PHOTOS = SAMPLES / "photos" / "captions.jsonl"
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_mmlib_{name}", SAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gen():
-    return _load_script("make_synthetic")
+    return synthetic
 
 
 @pytest.fixture(scope="module")
@@ -72,29 +65,94 @@ def test_generator_cli_matches_function(gen, small_set, tmp_path):
     assert _files(tmp_path / "cli") == _files(small_set.parent)
 
 
+def _by_image(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["image_id"], []).append(r)
+    return out
+
+
+def _says(text: str, attrs: dict, gen) -> bool:
+    """Does a caption name all four main attributes (in any of the phrasings)?"""
+    size_words = (attrs["size"], gen.SIZE_WORDS[attrs["size"]])
+    pos_words = (gen.POSITION_PHRASES[attrs["position"]], gen.POSITION_WORDS[attrs["position"]])
+    words = text.replace(",", "").split()
+    return (attrs["color"] in words and attrs["shape"] in words
+            and any(w in words for w in size_words) and any(p in text for p in pos_words))
+
+
 def test_generator_rows(gen, small_set):
     rows = _rows(small_set)
-    assert len(rows) == 80
+    images = _by_image(rows)
+    assert len(images) == 80
     texts = [r["text"] for r in rows]
-    assert len(set(texts)) == len(texts), "captions must be unique"
-    for r in rows:
-        a = r["attributes"]
-        assert r["split"] == gen.split_of(a)
-        assert r["text"].startswith(f"a {a['size']} {a['color']} {a['shape']} ")
-        assert 1 <= len(r["hard_negatives"]) <= 3
-        assert r["text"] not in r["hard_negatives"]
+    assert len(set(texts)) == len(texts), "captions must be unique across the set"
+    image_of_text = {r["text"]: r["image_id"] for r in rows}
+    for image_id, group in images.items():
+        assert 3 <= len(group) <= 5
+        assert len({(r["image"], r["split"], json.dumps(r["attributes"])) for r in group}) == 1
+        assert group[0]["image"] == f"images/{image_id}.png"
+        a = group[0]["attributes"]
+        assert group[0]["split"] == gen.split_of(a)
+        assert group[0]["text"].startswith(f"a {a['size']} {a['color']} {a['shape']} ")
+        mentioned = [d for d in a["distractors"] if d["mentioned"]]
+        for r in group:  # every caption names the main object's attributes (and the mention)
+            assert _says(r["text"], a, gen), r["text"]
+            assert all(f"{d['color']} {d['shape']}" in r["text"] for d in mentioned)
+            assert 1 <= len(r["hard_negatives"]) <= 3
+            for h in r["hard_negatives"]:
+                assert image_of_text.get(h) != image_id, "a hard negative of its own image"
+                assert not _says(h, a, gen), (r["text"], h)
         for d in a["distractors"]:  # the caption names the main object unambiguously
             assert d["shape"] != a["shape"] and d["color"] != a["color"]
-        with Image.open(small_set.parent / r["image"]) as img:
+        with Image.open(small_set.parent / group[0]["image"]) as img:
             assert img.size == (a["image_size"], a["image_size"])
             assert 56 <= img.width <= 112 and img.width % 28 == 0
+    assert 3.5 < len(rows) / len(images) < 4.5
+    present = [h for r in rows for h in r["hard_negatives"] if h in image_of_text]
+    assert len(present) > 0.1 * len(rows)  # some hard negatives have images in the set
 
 
-def test_generator_unique_captions_beyond_all_combinations(gen, tmp_path):
+def test_generator_beyond_all_combinations_keeps_captions_unambiguous(gen, tmp_path):
     n = len(gen.all_combinations()) + 60  # combinations repeat: distractor mentions differ
     rows = _rows(gen.generate(tmp_path / "big", n=n, seed=0, sizes=[56]))
     texts = [r["text"] for r in rows]
-    assert len(set(texts)) == n
+    assert len(set(texts)) == len(texts)
+    images = _by_image(rows)
+    assert len(images) == n
+    by_combo: dict[tuple, list[dict]] = {}
+    for group in images.values():
+        a = group[0]["attributes"]
+        by_combo.setdefault(tuple(a[k] for k in gen.ATTRIBUTES), []).append(a)
+    repeated = [v for v in by_combo.values() if len(v) > 1]
+    assert len(repeated) == 60
+    for same in repeated:  # A's mentioned distractor is not in B: A's captions are false of B
+        for x in same:
+            mention = [(d["color"], d["shape"]) for d in x["distractors"] if d["mentioned"]]
+            assert len(mention) == 1
+            for y in same:
+                if y is not x:
+                    assert mention[0] not in {(d["color"], d["shape"]) for d in y["distractors"]}
+
+
+def test_plan_gives_the_held_out_set_at_least_1000_captions(gen, small_set):
+    """The >= 1000-caption test split (`--n 1920`), counted from the plan without drawing."""
+    test = [len(t) for a, t in gen.plan(1920, seed=0) if gen.split_of(a) == "test"]
+    assert sum(test) >= 1000 and len(test) == 3 * 101
+    generated = [len(g) for g in _by_image(_rows(small_set)).values()]
+    assert [len(t) for _, t in gen.plan(80, seed=3)] == generated
+
+
+def test_ensure_generated_generates_once(gen, small_set, tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    manifest = gen.ensure_generated(out, n=80, seed=3)
+    assert _files(out) == _files(small_set.parent)
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("regenerated"))
+    assert gen.ensure_generated(out, n=80, seed=3) == manifest
+    monkeypatch.undo()
+    gen.ensure_generated(out, n=12, seed=3)  # other arguments: regenerated in place
+    assert len(_by_image(_rows(manifest))) == 12 and len(list((out / "images").iterdir())) == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_split_is_a_stable_function_of_the_main_attributes(gen, small_set, tmp_path):
@@ -109,11 +167,12 @@ def test_split_is_a_stable_function_of_the_main_attributes(gen, small_set, tmp_p
             assert combo_split.setdefault(key, r["split"]) == r["split"]
 
 
-def test_rows_do_not_depend_on_n(gen, small_set, tmp_path):
+def test_images_do_not_depend_on_n(gen, small_set, tmp_path):
     fewer = gen.generate(tmp_path / "fewer", n=30, seed=3)
-    for a, b in zip(_rows(fewer), _rows(small_set), strict=False):
-        assert a["text"] == b["text"]
-        assert (fewer.parent / a["image"]).read_bytes() == (small_set.parent / b["image"]).read_bytes()
+    a, b = _rows(fewer), _rows(small_set)
+    assert [r["text"] for r in a] == [r["text"] for r in b[:len(a)]]
+    for r in a:
+        assert (fewer.parent / r["image"]).read_bytes() == (small_set.parent / r["image"]).read_bytes()
 
 
 def test_generator_rejects_bad_arguments(gen, tmp_path):
@@ -130,7 +189,10 @@ def test_committed_synthetic_sample(gen):
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert total < 2 * 1024 * 1024, f"committed sample is {total} bytes"
     on_disk = {str(p.relative_to(folder)) for p in (folder / "images").iterdir()}
-    assert on_disk == {r["image"] for r in rows}, "images and manifest rows must match 1:1"
+    assert on_disk == {r["image"] for r in rows}, "every image has rows, every row an image"
+    images = _by_image(rows)
+    assert len(images) == 600 and len(rows) == sum(len(g) for g in images.values())
+    assert all(3 <= len(g) <= 5 for g in images.values())
     assert len({r["text"] for r in rows}) == len(rows)
     counts = Counter(r["split"] for r in rows)
     assert set(counts) == {"train", "validation", "test"}
@@ -139,15 +201,19 @@ def test_committed_synthetic_sample(gen):
     train = {tuple(r["attributes"][k] for k in gen.ATTRIBUTES) for r in rows if r["split"] == "train"}
     held = {tuple(r["attributes"][k] for k in gen.ATTRIBUTES) for r in rows if r["split"] != "train"}
     assert not train & held
+    ds = ImageTextDataset(SYNTHETIC, split="train")  # rows sharing an image share its identity
+    assert len(set(ds.image_ids)) == len({r["image"] for r in rows if r["split"] == "train"})
 
 
 def test_committed_sample_is_what_the_generator_makes(gen, tmp_path):
-    """Same manifest and same pixels as `make_synthetic.py --n 600 --seed 0` (PNG bytes may
+    """Same manifest and same pixels as `python -m mmlib.synthetic --n 600 --seed 0` (PNG bytes may
     differ across zlib versions, pixels may not)."""
-    rows = _rows(SYNTHETIC)
-    fresh = gen.generate(tmp_path / "fresh", n=len(rows), seed=0)
+    params = json.loads((SYNTHETIC.parent / "generator.json").read_text())
+    assert params == {"n": 600, "seed": 0, "sizes": list(gen.IMAGE_SIZES),
+                      "version": gen.GENERATOR_VERSION}
+    fresh = gen.generate(tmp_path / "fresh", n=params["n"], seed=params["seed"])
     assert fresh.read_text(encoding="utf-8") == SYNTHETIC.read_text(encoding="utf-8")
-    for r in rows[:: max(1, len(rows) // 40)]:
+    for r in _rows(SYNTHETIC)[::60]:
         a = np.asarray(Image.open(SYNTHETIC.parent / r["image"]).convert("RGB"))
         b = np.asarray(Image.open(fresh.parent / r["image"]).convert("RGB"))
         assert np.array_equal(a, b), r["image"]
@@ -197,7 +263,8 @@ def test_dataset_items(small_set):
     assert ds[-1]["index"] == len(ds) - 1
     with pytest.raises(IndexError):
         ds[len(ds)]
-    assert sum(len(ImageTextDataset(small_set, split=s)) for s in ("train", "validation", "test")) == 80
+    assert sum(len(ImageTextDataset(small_set, split=s)) for s in ("train", "validation", "test")) \
+        == len(_rows(small_set))
 
 
 def test_hard_negatives_follow_the_direction(small_set):
@@ -212,13 +279,15 @@ def test_hard_negatives_follow_the_direction(small_set):
         assert len(item["hard_negative_images"]) == len(present)
         for img, k in zip(item["hard_negative_images"], present, strict=True):
             assert np.array_equal(np.asarray(img), np.asarray(t2i[k]["image"]))
+            assert t2i.image_ids[k] != t2i.image_ids[i], "a hard negative shows this image"
         resolved += len(present)
     assert resolved > 0
     assert "hard_negative_images" not in i2t[0]
 
 
 def _copy_rows(src: Path, dst: Path, n: int) -> tuple[Path, list[dict]]:
-    rows = _rows(src)[:n]
+    """The first caption of each of the first n images (one row per image file)."""
+    rows = [g[0] for g in _by_image(_rows(src)).values()][:n]
     (dst / "images").mkdir(parents=True)
     for r in rows:
         (dst / r["image"]).write_bytes((src.parent / r["image"]).read_bytes())
@@ -445,3 +514,148 @@ def test_manifest_with_utf8_bom_reads_like_without(tmp_path, suffix):
     assert got == read_manifest(plain)
     assert [(r.image, r.text, r.line) for r in got] == [
         (r["image"], r["text"], i + (2 if suffix == ".csv" else 1)) for i, r in enumerate(rows)]
+
+
+# ---------------------------------------------------------------- no-duplicates batch sampler
+def _five_captions(n_images: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
+    """5 captions per image, lengths 2-14 words, and captions repeated across images (also
+    up to case / spacing / a final period, which `caption_key` treats as identical)."""
+    rng = random.Random(seed)
+    ids, texts = [], []
+    for img in range(n_images):
+        for k in range(5):
+            ids.append(f"img{img}")
+            texts.append(" ".join(f"w{img}_{k}_{j}" for j in range(rng.randint(2, 14))))
+    texts[7] = texts[30]                        # images 1 and 6 share a caption
+    texts[12], texts[55] = "A dog runs.", "a  dog runs"  # images 2 and 11, up to case/period
+    texts[100] = texts[101] = texts[160]        # image 20 has one caption twice, image 32 too
+    return ids, texts
+
+
+def _assert_no_duplicates(batches, ids, texts):
+    for b in batches:
+        assert len({ids[i] for i in b}) == len(b), f"an image repeats in batch {b}"
+        assert len({caption_key(texts[i]) for i in b}) == len(b), f"a caption repeats in {b}"
+
+
+def test_caption_key_ignores_case_spacing_and_final_period():
+    assert caption_key("A dog runs.") == caption_key(" a  dog runs ") == "a dog runs"
+    assert caption_key("a dog runs") != caption_key("a dog ran")
+
+
+@pytest.mark.parametrize("bs,drop_last", [(16, True), (16, False), (7, True), (40, True)])
+def test_no_duplicates_sampler_properties(bs, drop_last):
+    ids, texts = _five_captions()
+    s = NoDuplicatesBatchSampler(ids, texts, bs, seed=0, drop_last=drop_last)
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) > 0  # len() is exact, for every epoch
+        _assert_no_duplicates(batches, ids, texts)
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)), "a row twice in one epoch"
+        if drop_last:
+            assert all(len(b) == bs for b in batches)
+            assert len(flat) >= len(ids) - 2 * bs  # only the conflicting tail is left out
+        else:
+            assert sorted(flat) == list(range(len(ids)))  # every row exactly once
+
+
+def test_no_duplicates_sampler_is_deterministic_and_resumable():
+    ids, texts = _five_captions()
+    a = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)
+    b = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)
+    assert list(a) == list(b) == list(a)
+    a.set_epoch(3)
+    assert list(a) != list(b)
+    resumed = NoDuplicatesBatchSampler(ids, texts, 16, seed=1)  # a fresh one re-creates epoch 3
+    resumed.set_epoch(3)
+    assert list(resumed) == list(a)
+    assert list(NoDuplicatesBatchSampler(ids, texts, 16, seed=2)) != list(b)
+    ordered = list(NoDuplicatesBatchSampler(ids, texts, 16, shuffle=False))
+    _assert_no_duplicates(ordered, ids, texts)
+    assert ordered[0] == [5 * k for k in range(16)]  # in order, deferring rows of seen images
+
+
+def _spread(batches, lengths):
+    """Mean within-batch standard deviation of caption lengths."""
+    return float(np.mean([np.std([lengths[i] for i in b]) for b in batches]))
+
+
+def test_no_duplicates_batches_are_not_length_sorted():
+    ids, texts = _five_captions()
+    lengths = [len(t.split()) for t in texts]
+    shuffled = NoDuplicatesBatchSampler(ids, texts, 16, seed=0)
+    bucketed = LengthBucketSampler(lengths, 16, seed=0, drop_last=True)
+    for epoch in range(3):
+        shuffled.set_epoch(epoch)
+        bucketed.set_epoch(epoch)
+        order = list(range(len(ids)))
+        random.Random(epoch).shuffle(order)
+        random_batches = [order[i:i + 16] for i in range(0, len(order) - 15, 16)]
+        assert _spread(list(shuffled), lengths) > 0.8 * _spread(random_batches, lengths)
+        assert _spread(list(bucketed), lengths) < 0.3 * _spread(random_batches, lengths)
+        flat = [i for b in shuffled for i in b]  # and the order is a shuffle, not the index order
+        assert abs(np.corrcoef(flat, np.arange(len(flat)))[0, 1]) < 0.3
+
+
+def test_no_duplicates_sampler_rejects_bad_input():
+    ids, texts = (x[:20] for x in _five_captions())  # 4 images
+    with pytest.raises(ValueError, match="batch_size"):
+        NoDuplicatesBatchSampler(ids, texts, 0)
+    with pytest.raises(ValueError, match="empty"):
+        NoDuplicatesBatchSampler([], [], 4)
+    with pytest.raises(ValueError, match=r"20 image ids but 19 texts"):
+        NoDuplicatesBatchSampler(ids, texts[:-1], 4)
+    with pytest.raises(ValueError, match=r"only 4 distinct images.*batch_size=5"):
+        NoDuplicatesBatchSampler(ids, texts, 5, drop_last=True)
+
+
+def test_distributed_wrapper_shards_no_duplicates_batches():
+    from mmlib.distributed import DistributedBatchSampler
+
+    ids, texts = _five_captions()
+    glob = NoDuplicatesBatchSampler(ids, texts, 12, seed=3)
+    ranks = [DistributedBatchSampler(NoDuplicatesBatchSampler(ids, texts, 12, seed=3), r, 3)
+             for r in range(3)]
+    for epoch in (0, 1):
+        glob.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        expected = list(glob)
+        per_rank = [list(s) for s in ranks]
+        assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
+        for k, batch in enumerate(expected):
+            assert sum((p[k] for p in per_rank), []) == batch
+
+
+def test_train_config_batch_sampler_is_validated():
+    from mmlib.train import TrainConfig
+
+    assert TrainConfig().batch_sampler == "no_duplicates"
+    assert TrainConfig(batch_sampler="length_grouped").batch_sampler == "length_grouped"
+    with pytest.raises(ValueError, match=r"batch_sampler must be one of .*'no_duplicates'"):
+        TrainConfig(batch_sampler="random")
+
+
+def test_trainer_batches_hold_each_image_once(tmp_path):
+    from mmlib.config import EncoderConfig
+    from mmlib.train import TrainConfig, Trainer
+
+    enc = EncoderConfig(device="cpu", embed_dim=32, mrl_dims=(8, None), batch_size=32, seed=0)
+    cfg = dict(encoder=enc, manifest=str(SYNTHETIC), eval_split=None, max_steps=1,
+               output_dir=str(tmp_path), progress=False)
+    trainer = Trainer(TrainConfig(**cfg))
+    assert isinstance(trainer.sampler, NoDuplicatesBatchSampler)
+    ids = trainer.train_set.image_ids
+    assert len(set(ids)) < len(ids)  # the committed sample has several captions per image
+    batches = list(trainer.sampler)
+    _assert_no_duplicates(batches, ids, trainer.train_set.texts)
+    assert len(batches) == len(ids) // 32 or len(batches) == len(ids) // 32 - 1
+    cfg["output_dir"] = str(tmp_path / "grouped")  # one run per folder: the first holds its lock
+    grouped = Trainer(TrainConfig(**cfg, batch_sampler="length_grouped"), encoder=trainer.encoder)
+    assert isinstance(grouped.sampler, LengthBucketSampler)
+    with pytest.raises(ValueError, match=r"distinct images for batch_size=2000"):
+        Trainer(TrainConfig(**{**cfg, "encoder": enc.replace(batch_size=2000),
+                               "output_dir": str(tmp_path / "big")}),
+                encoder=trainer.encoder)
