@@ -34,6 +34,7 @@ from mmlib.config import EncoderConfig
 from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
 from mmlib.processing import ImageLike, build_inputs, count_inputs, format_prompt
+from mmlib.validation import require_int
 
 logger = logging.getLogger("mmlib")
 
@@ -256,14 +257,10 @@ class MultimodalEncoder(nn.Module):
         if images is not None:
             _check_list("images", images, allow_none=texts is not None)
         count_inputs(texts, images, "encode")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens <= 0):
-            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        require_int("max_tokens", max_tokens, optional=True)
         if self.config.extra.get("compile") and not self._is_compiled():
             self.compile_for_inference()
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        require_int("batch_size", batch_size, optional=True)
         plan = _InputPlan(self, texts, images)
         order = sorted(range(len(plan)), key=plan.costs.__getitem__)
         if max_tokens is None:
