@@ -4,11 +4,15 @@
 - `"tiny"`: the offline toy model (built once into the cache, then loaded from disk);
 - `"preset:<name>"`: random weights with a released model's shapes (e.g. `preset:qwen2.5-vl-3b`);
 - a local folder or a Hugging Face id (`Qwen/Qwen2.5-VL-3B-Instruct`), loaded with
-  `from_pretrained` (safetensors only, never remote code).
+  `from_pretrained` (safetensors only, never remote code: a folder whose configs name custom
+  classes is refused before transformers reads it). An id is fetched with huggingface_hub
+  first (or found in its cache offline), so an unreachable id fails in a second.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,9 @@ from mmlib.presets import build_backbone_config, resolve_preset
 from mmlib.tiny import build_tiny_processor, get_tiny_model_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model id needs from the hub: configs, tokenizer files, safetensors weights. Never
+# Python files or pickled weights.
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -96,20 +103,21 @@ def load_backbone(config: EncoderConfig, path: str | None = None) -> tuple[Qwen2
             f"model_path={path!r} is neither 'tiny', a preset ('preset:qwen2.5-vl-3b'), an "
             "existing folder, nor a Hugging Face id like 'Qwen/Qwen2.5-VL-3B-Instruct'")
     else:
-        folder = path  # a hub id: from_pretrained resolves it (or its local cache)
+        folder = hub_snapshot(path)
+    refuse_remote_code(folder)
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn, use_safetensors=True)
+    # trust_remote_code=False explicitly: without it transformers *asks* on stdin (and a
+    # piped "y" runs the folder's code); refuse_remote_code above already stopped such folders.
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn, use_safetensors=True,
+                                  trust_remote_code=False)
     if config.device_map is not None:
         kwargs["device_map"] = config.device_map
     try:
         with quiet_hf():
-            processor = AutoProcessor.from_pretrained(folder)
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
             model = Qwen2_5_VLModel.from_pretrained(folder, **kwargs)
     except OSError as e:
-        raise OSError(
-            f"could not load a Qwen2.5-VL model from {path!r}: {e}\nIf this is a hub id, its "
-            "weights must be reachable (network or local HF cache); offline, use "
-            "model_path='tiny' or a local folder.") from e
+        raise OSError(f"could not load a Qwen2.5-VL model from {path!r} ({folder}): {e}") from e
     if config.device_map is None:
         model.to(device)
     _apply_image_limits(processor, config)
@@ -144,6 +152,70 @@ def _apply_image_limits(processor: Any, config: EncoderConfig) -> None:
         ip = processor.image_processor
         ip.max_pixels = int(max_pixels)
         ip.size = {**dict(ip.size), "longest_edge": int(max_pixels)}
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """Local folder of a Hugging Face model id: downloaded (safetensors, configs, tokenizer
+    files; never code or pickles) or, offline, found in the local HF cache. Fails in about a
+    second, not after minutes of retries, when the id is neither reachable nor cached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() \
+        in ("1", "ON", "YES", "TRUE")
+    try:
+        with quiet_hf():
+            return snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=offline,
+                                     cache_dir=constants.HF_HUB_CACHE)
+    except LocalEntryNotFoundError as e:
+        why, fix = (("HF_HUB_OFFLINE is set", "with network, unset HF_HUB_OFFLINE (or set it "
+                     "to 0) to download it") if offline else
+                    ("the hub is unreachable", "connect to the network (or set HTTPS_PROXY) to "
+                     "download it"))
+        raise OSError(f"model_path={repo_id!r}: {why} and it is not in the local Hugging Face "
+                      f"cache ({constants.HF_HUB_CACHE}). Use model_path='tiny', a preset "
+                      f"('preset:qwen2.5-vl-3b') or a local folder; or {fix}") from e
+    except (OSError, HFValidationError) as e:  # not found, gated, private, bad revision
+        detail = " ".join(str(e).split())
+        raise OSError(f"model_path={repo_id!r} could not be fetched from the Hugging Face hub "
+                      f"({type(e).__name__}: {detail}). Check the id (and `hf auth login` for "
+                      "gated models), or use model_path='tiny' or a local folder") from e
+
+
+def refuse_remote_code(folder: str | Path) -> None:
+    """Raise if any JSON file of `folder` names custom code (an `auto_map`), before any
+    transformers call: mmlib never runs code shipped with a model."""
+    for file in sorted(Path(folder).glob("*.json")):
+        if file.name.endswith(".index.json"):
+            continue  # a weight map: tensor names, never classes
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # unreadable configs fail later with transformers' own error
+        found = _find_auto_map(data)
+        if found:
+            key, value = found
+            raise ValueError(
+                f"{file}: {key!r} names custom code ({value!r}); mmlib never runs code shipped "
+                "with a model (trust_remote_code=False). Use a folder whose classes are stock "
+                "transformers Qwen2.5-VL ones, or delete the auto_map entry if they are")
+
+
+def _find_auto_map(data: Any, where: str = "") -> tuple[str, Any] | None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "auto_map" and value:
+                return path, value
+            found = _find_auto_map(value, path)
+            if found:
+                return found
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _find_auto_map(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def unwrap(backbone: torch.nn.Module) -> Qwen2_5_VLModel:

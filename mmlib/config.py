@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,23 @@ import yaml
 
 from mmlib.losses.matryoshka import resolve_dims
 from mmlib.presets import PRESETS, resolve_preset
+from mmlib.validation import (
+    ValidationError,
+    coerce_fields,
+    require_choice,
+    require_int,
+    require_number,
+    require_str,
+)
 
 DEFAULT_MRL_DIMS: tuple[int | None, ...] = (256, 512, 1024, 2048, None)
 # peft matches a string target as a full-name regex; restricting it to the language model
 # keeps LoRA off the vision tower's MLPs, which share the names gate/up/down_proj.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# mmlib_config.json of a saved encoder also records which weight parts it holds (see
+# MultimodalEncoder.save_pretrained); it is not a config field.
+SAVED_PARTS_KEY = "parts"
 
 _CHOICES = {
     "mixed_precision": ("auto", "bf16", "fp16", "no"),
@@ -60,43 +71,51 @@ class EncoderConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # YAML and JSON give lists; booleans are accepted for freezing ("freeze_backbone=True").
+        # Booleans are accepted for freezing ("freeze_backbone=True"); every other field is
+        # converted to its declared type (YAML 1.1 reads 3e-4 as a string, --set gives strings).
         if isinstance(self.freeze_backbone, bool):
             self.freeze_backbone = "all" if self.freeze_backbone else "none"
-        if isinstance(self.mrl_dims, (list, tuple)):
-            self.mrl_dims = tuple(self.mrl_dims)
+        coerce_fields(self)
         self.validate()
 
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if not isinstance(self.model_path, str) or not self.model_path:
-            raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}")
+        """Raise a ValueError (`ValidationError`) naming the first bad field."""
+        require_str("model_path", self.model_path)
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        _positive_int("embed_dim", self.embed_dim)
+            require_choice(name, getattr(self, name), choices)
+        require_int("embed_dim", self.embed_dim)
         self.resolved_mrl_dims()  # validates mrl_dims against embed_dim
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
+        require_number("temperature", self.temperature, above=0)
         for name in ("lora_r", "lora_alpha", "grad_accum_steps", "batch_size"):
-            _positive_int(name, getattr(self, name))
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
-        if self.max_length is not None:
-            _positive_int("max_length", self.max_length)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+            require_int(name, getattr(self, name))
+        require_int("seed", self.seed, minimum=0)
+        require_int("max_length", self.max_length, optional=True)
+        require_number("lora_dropout", self.lora_dropout, at_least=0, below=1)
+        require_number("max_grad_norm", self.max_grad_norm, above=0, optional=True)
+        require_number("learning_rate", self.learning_rate, above=0)
+        for name in ("use_lora", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(name, f"must be true or false, got {getattr(self, name)!r}")
+        targets = self.lora_target_modules
+        if not (isinstance(targets, str) and targets) and not (
+                isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+            raise ValidationError("lora_target_modules", "must be a regex string or a non-empty "
+                                  f"list of module names, got {targets!r}")
+        require_str("device", self.device)
+        if not (self.device_map is None or isinstance(self.device_map, (str, dict))):
+            raise ValidationError("device_map", f"must be a string, a mapping or None, got "
+                                  f"{self.device_map!r}")
+        if not isinstance(self.extra, dict):
+            raise ValidationError("extra", f"must be a mapping, got {self.extra!r}")
 
     def resolved_mrl_dims(self) -> list[int]:
         """`mrl_dims` with None → embed_dim, validated, de-duplicated and sorted."""
         try:
             return list(resolve_dims(self.mrl_dims, self.embed_dim))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"mrl_dims={self.mrl_dims!r} (embed_dim={self.embed_dim}): {e}") from e
+            raise ValidationError("mrl_dims", f"= {self.mrl_dims!r} (embed_dim={self.embed_dim}): "
+                                              f"{e}") from e
 
     # -- presets ---------------------------------------------------------------------------
     @classmethod
@@ -121,10 +140,13 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
         """Build from a dict; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ValidationError("EncoderConfig", f"needs a mapping of fields, got {data!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown EncoderConfig field(s) {unknown}; valid fields: {sorted(names)}")
+            raise ValidationError(unknown[0], f"is not an EncoderConfig field (unknown: {unknown}); "
+                                              f"valid fields: {sorted(names)}")
         return cls(**data)
 
     def replace(self, **overrides: Any) -> EncoderConfig:
@@ -142,16 +164,16 @@ class EncoderConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> EncoderConfig:
-        """Read a config written by `save` (YAML or JSON by suffix)."""
+        """Read a config written by `save`, or a saved encoder's mmlib_config.json (YAML or
+        JSON by suffix); values are converted to the fields' types."""
         path = Path(path)
         text = path.read_text()
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of EncoderConfig fields, got {type(data).__name__}")
-        return cls.from_dict(data)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        data.pop(SAVED_PARTS_KEY, None)  # a saved encoder's record of its weight files
+        try:
+            return cls.from_dict(data)
+        except ValidationError as e:
+            raise ValidationError(e.name, f"{e.problem} (in {path})") from e
 

@@ -88,6 +88,13 @@ from mmlib.run_dir import (
     scan_checkpoints,
     write_text_atomic,
 )
+from mmlib.validation import (
+    ValidationError,
+    coerce_fields,
+    require_int,
+    require_number,
+    require_str,
+)
 
 logger = logging.getLogger("mmlib")
 
@@ -122,17 +129,23 @@ class TrainConfig:
     batch_sampler: str = "no_duplicates"
 
     def __post_init__(self) -> None:
-        if isinstance(self.encoder, dict):
-            self.encoder = EncoderConfig.from_dict(self.encoder)
+        # Every field to its declared type (a dict `encoder` → EncoderConfig, "3e-4" → 3e-4),
+        # errors naming the dotted field (encoder.learning_rate), before anything is built.
+        coerce_fields(self)
         if self.loss not in ("mrl", "full"):
             raise ValueError(f"loss must be 'mrl' or 'full', got {self.loss!r}")
         if self.direction not in ("text2image", "image2text"):
             raise ValueError(f"direction must be 'text2image' or 'image2text', got {self.direction!r}")
         for name in ("max_steps", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size must be positive or None, got {self.micro_batch_size!r}")
+            require_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "save_every"):  # 0: none / only at the end
+            require_int(name, getattr(self, name), minimum=0)
+        require_int("micro_batch_size", self.micro_batch_size, optional=True)
+        require_number("weight_decay", self.weight_decay, at_least=0)
+        for name in ("manifest", "output_dir"):
+            require_str(name, getattr(self, name))
+        for name in ("train_split", "eval_split", "resume"):
+            require_str(name, getattr(self, name), optional=True)
         if self.batch_sampler not in BATCH_SAMPLERS:
             raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {self.batch_sampler!r}")
 
@@ -161,9 +174,12 @@ class TrainConfig:
                 raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=50)")
             target = data
             *parents, leaf = key.split(".")
-            for p in parents:
+            for i, p in enumerate(parents):
                 target = target.setdefault(p, {})
-            target[leaf] = yaml.safe_load(value)
+                if not isinstance(target, dict):
+                    raise ValidationError(".".join(parents[:i + 1]), f"is {target!r}, not a "
+                                          f"mapping, so override {item!r} cannot set a field in it")
+            target[leaf] = yaml.safe_load(value)  # a string where YAML 1.1 reads one: coerced
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

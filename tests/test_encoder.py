@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,87 @@ def test_fresh_weights_come_from_config_seed():
         assert torch.equal(a[n], b[n]), n
     differs = [n for n in a if not torch.equal(a[n], c[n])]
     assert "projection.fc1.weight" in differs and any("lora_A" in n for n in differs)
+
+
+# -- saving over an existing folder; loading only the saved parts -------------------------
+def _nudged(**overrides) -> MultimodalEncoder:
+    enc = make(**overrides)
+    with torch.no_grad():  # move the trainable weights off their deterministic init
+        for p in enc.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return enc
+
+
+@pytest.mark.parametrize("first,second", [({}, {"use_lora": True, "lora_r": 4}),
+                                          ({"use_lora": True, "lora_r": 4}, {}),
+                                          ({}, {"freeze_backbone": "all"})])
+def test_saving_over_another_model_reloads_exactly_the_new_one(tmp_path, first, second):
+    torch.manual_seed(0)
+    old, new = _nudged(**first), _nudged(**second)
+    texts, images = [SHORT, None], [None, noise_image(7)]
+    expected = new.encode(texts=texts, images=images)
+    old.save_pretrained(tmp_path / "enc")
+    new.save_pretrained(tmp_path / "enc")
+    loaded = MultimodalEncoder.from_pretrained(tmp_path / "enc")
+    assert loaded.config == new.config
+    torch.testing.assert_close(loaded.encode(texts=texts, images=images), expected,
+                               atol=1e-5, rtol=0)
+    # Only the new model's parts are left, and the config says which they are.
+    saved = json.loads((tmp_path / "enc" / "mmlib_config.json").read_text())
+    has_backbone = not new.config.use_lora and new.config.freeze_backbone != "all"
+    assert saved["parts"] == {"backbone": has_backbone, "adapter": new.config.use_lora}
+    assert (tmp_path / "enc" / "backbone").is_dir() == has_backbone
+    assert (tmp_path / "enc" / "adapter").is_dir() == new.config.use_lora
+    assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no staging folder left behind
+
+
+def test_folder_without_parts_record_loads_as_before(tmp_path):
+    """Folders written before `parts` existed: a stale part (the backbone beside a LoRA
+    save) is told apart by use_lora, the rest loads unchanged."""
+    import shutil
+
+    full, lora = _nudged(), _nudged(use_lora=True, lora_r=4)
+    full.save_pretrained(tmp_path / "full")
+    lora.save_pretrained(tmp_path / "lora")
+    shutil.copytree(tmp_path / "full" / "backbone", tmp_path / "lora" / "backbone")
+    for name in ("full", "lora"):
+        cfg_path = tmp_path / name / "mmlib_config.json"
+        cfg_path.write_text(json.dumps({k: v for k, v in json.loads(cfg_path.read_text()).items()
+                                        if k != "parts"}))
+    for name, enc in (("full", full), ("lora", lora)):
+        torch.testing.assert_close(MultimodalEncoder.from_pretrained(tmp_path / name)
+                                   .encode_texts([SHORT]), enc.encode_texts([SHORT]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_saving_into_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="mmlib_config.json"):
+        make().save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_saved_config_file_still_loads_as_an_encoder_config(tmp_path):
+    enc = make()
+    enc.save_pretrained(tmp_path / "enc")
+    assert EncoderConfig.load(tmp_path / "enc" / "mmlib_config.json") == enc.config
+
+
+def test_from_pretrained_overrides_that_agree_or_apply(tmp_path):
+    lora = _nudged(use_lora=True, lora_r=4)
+    lora.save_pretrained(tmp_path / "lora")
+    expected = lora.encode_texts([SHORT])
+    # Agreeing with the saved config, or changing what does not touch the weights: accepted.
+    again = MultimodalEncoder.from_pretrained(tmp_path / "lora", use_lora=True, lora_r=4,
+                                              batch_size=3, temperature=0.1)
+    assert again.config.use_lora and again.config.batch_size == 3
+    torch.testing.assert_close(again.encode_texts([SHORT]), expected, atol=1e-6, rtol=0)
+    for bad, match in (({"use_lora": False}, "use_lora"), ({"embed_dim": 64}, "embed_dim"),
+                       ({"lora_r": 8}, "lora_r")):
+        with pytest.raises(ValueError, match=match):
+            MultimodalEncoder.from_pretrained(tmp_path / "lora", **bad)
+    full = _nudged()
+    full.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="model_path"):
+        MultimodalEncoder.from_pretrained(tmp_path / "full", model_path="preset:tiny")
