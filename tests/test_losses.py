@@ -521,3 +521,29 @@ def test_multilevel_errors():
     bad[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"\(level, dim\) \(1, 16\)"):
         MultiLevelContrastiveLoss(dims=(None,))({0: (q, t), 1: (bad, t)})
+
+
+# ---------------------------------------------------------------- default dims follow the width
+@pytest.mark.parametrize(
+    "width,expected",
+    [(4096, (256, 512, 1024, 2048, 4096)), (2048, (256, 512, 1024, 2048)),
+     (1024, (256, 512, 1024)), (600, (256, 512, 600)), (256, (256,)), (64, (64,))],
+)
+def test_default_dims_keep_the_ladder_entries_that_fit(width, expected):
+    from mmlib.losses import DEFAULT_DIMS
+
+    assert resolve_dims(DEFAULT_DIMS, width) == expected
+    q, t = make(4, 4, width, seed=3)
+    loss, details = matryoshka_in_batch_negative_loss(q, t, return_details=True)
+    assert tuple(details) == expected
+    ref = naive_mrl(q, t, [(d, 1.0) for d in expected])
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_issue_line_default_dims_below_2048():
+    loss = matryoshka_in_batch_negative_loss(torch.randn(4, 1024), torch.randn(4, 1024))
+    assert math.isfinite(float(loss))
+    assert ContrastiveLossWithHardNegatives()(torch.randn(4, 64), torch.randn(4, 64)).isfinite()
+    # an explicit dim larger than the width is still an error
+    with pytest.raises(ValueError, match="larger than the embedding width"):
+        resolve_dims((256, 2048), 1024)
