@@ -691,3 +691,20 @@ def test_identity_and_guide_errors():
         fn(q, p, guide_query=q, guide_positive=p)
     with pytest.raises(ValueError, match="without hard_negatives"):
         fn(q, p, hard_negative_ids=torch.arange(3))
+
+
+def test_multilevel_applies_identities_at_every_level():
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    levels = {-1: (q, torch.cat([p, h])), -2: (q * 0.5 + 0.1, torch.cat([p, h]).flip(1))}
+    fn = MultiLevelContrastiveLoss(dims=(8, None), level_weights={-1: 1.0, -2: 0.25})
+    loss, details = fn(levels, return_details=True, positive_ids=pid, hard_negative_ids=hid)
+    same = {(1, 4), (4, 1)}
+    cols = [[j for j in range(5) if (i, j) not in same] for i in range(5)]
+    ref = 0
+    for key, lw in ((-1, 1.0), (-2, 0.25)):
+        lq, lt = levels[key]
+        for d in (8, 16):
+            one = naive_candidate_loss(lq, lt[:5], lt[5:], d, 0.07, True, cols, [[1, 2]] * 5, cols)
+            torch.testing.assert_close(details[(key, d)], one.detach(), rtol=RTOL, atol=ATOL)
+            ref = ref + lw * one
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
