@@ -428,6 +428,8 @@ class Trainer:
         grad_norm = full_tensor(  # under FSDP, a norm over every rank's shards
             torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
         lr = self.scheduler.get_last_lr()[0]
+        learnable = getattr(self.loss_fn, "temperature", None)  # the value this step's loss used
+        tau = learnable.temperature if isinstance(learnable, LearnableTemperature) else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -435,9 +437,8 @@ class Trainer:
         stats = {"loss": float(torch.stack(losses).mean()), "grad_norm": float(grad_norm), "lr": lr}
         for name in self._details[0] if self._details else []:  # mean over accumulated batches
             stats[name] = float(torch.stack([d[name] for d in self._details]).mean())
-        temperature = getattr(self.loss_fn, "temperature", None)
-        if isinstance(temperature, LearnableTemperature):
-            stats["temperature"] = temperature.temperature
+        if tau is not None:
+            stats["temperature"] = tau
         return stats
 
     def _commit(self) -> None:

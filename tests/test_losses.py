@@ -708,3 +708,26 @@ def test_multilevel_applies_identities_at_every_level():
             torch.testing.assert_close(details[(key, d)], one.detach(), rtol=RTOL, atol=ATOL)
             ref = ref + lw * one
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_masked_loss_gives_a_learnable_temperature_the_naive_gradient():
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    temp = LearnableTemperature(0.07)
+    fn = ContrastiveLossWithHardNegatives(dims=(None,), temperature=temp, margin=0.0)
+    loss = fn(q, p, h, positive_ids=pid, hard_negative_ids=hid)
+    (got,) = torch.autograd.grad(loss, temp.log_scale)
+    tau = torch.tensor(0.07, requires_grad=True)
+    qn, pn, hn = (F.normalize(x.detach(), dim=1) for x in (q, p, h))
+    cos, pos = qn @ pn.T, (qn * pn).sum(1)
+    same = {(1, 4), (4, 1)}
+    cols = [[j for j in range(5) if j == i or ((i, j) not in same and cos[i, j] <= pos[i])]
+            for i in range(5)]
+    hard = [[m for m in (1, 2) if qn[i] @ hn[m] <= pos[i]] for i in range(5)]
+    rows = [[i for i in range(5) if i == j or ((i, j) not in same and cos[i, j] <= pos[j])]
+            for j in range(5)]
+    ref = naive_candidate_loss(q.detach(), p.detach(), h.detach(), 16, tau, True, cols, hard, rows)
+    (d_tau,) = torch.autograd.grad(ref, tau)
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+    # d/d log_scale = d/d tau * d tau / d log_scale = d/d tau * (-tau)
+    torch.testing.assert_close(got, -0.07 * d_tau, rtol=1e-4, atol=1e-6)
+    assert any(len(c) < 4 for c in cols)  # something was masked

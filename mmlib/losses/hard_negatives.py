@@ -392,11 +392,14 @@ class ContrastiveLossWithHardNegatives(nn.Module):
                 row_mask = _keep_hardest(cos, row_mask, self.mine_hardest, dim=1)
                 col_mask = _keep_hardest(cos, col_mask, self.mine_hardest, dim=0)
 
-        logits = cos.masked_fill(row_mask, -math.inf)
+        # Scale, then mask: -inf / tau would send NaN to a learnable temperature.
+        scaled = cos / temperature
+        logits = scaled.masked_fill(row_mask, -math.inf)
         if cos_h is not None:
-            logits = torch.cat([logits, cos_h.masked_fill(hard_mask, -math.inf)], dim=1)
-        loss = F.cross_entropy(logits / temperature, labels)
+            hard_logits = (cos_h / temperature).masked_fill(hard_mask, -math.inf)
+            logits = torch.cat([logits, hard_logits], dim=1)
+        loss = F.cross_entropy(logits, labels)
         if self.symmetric:
-            reverse = cos.masked_fill(col_mask, -math.inf).T / temperature
+            reverse = scaled.masked_fill(col_mask, -math.inf).T
             loss = (loss + F.cross_entropy(reverse, labels)) / 2
         return loss
