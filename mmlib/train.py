@@ -9,6 +9,8 @@ of one micro-batch); accumulation across batches does *not* add negatives. AdamW
 warm-up and cosine decay, AMP from the encoder config (bf16 on GPU; fp16 uses a GradScaler),
 gradient clipping with the norm logged, periodic retrieval evaluation per Matryoshka dim,
 metrics as JSONL, safetensors checkpoints that resume exactly, Ctrl-C saves a checkpoint.
+`loss` chooses mrl | full | hard_negatives | multilevel (see LOSSES_DOC); per-dim losses are
+logged as `loss@64` (`loss@L-2@64` per layer), see `mmlib.plots.plot_training_curves`.
 
 Under torchrun (`torchrun --nproc_per_node 8 -m mmlib.train --config ...`) `batch_size` is the
 global batch: each rank embeds batch_size / W pairs, the embeddings are gathered with gradient
@@ -123,6 +125,9 @@ class TrainConfig:
                              f" are options of loss=hard_negatives, not of loss={self.loss!r}")
         if not isinstance(self.guide_margin, (int, float)) or not math.isfinite(self.guide_margin):
             raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin!r}")
+        if self.guide == "none" and self.guide_margin != 0.0:
+            raise ValueError(f"guide_margin={self.guide_margin} has no effect with guide='none'; "
+                             "set guide to 'self' or 'frozen', or drop guide_margin")
         if self.loss == "multilevel":
             if not self.layers or not all(isinstance(x, int) and x != 0 for x in self.layers):
                 raise ValueError(f"layers must be a non-empty list of decoder layers (1-based, or "
@@ -630,7 +635,9 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description="Train an mmlib encoder.")
+    parser = argparse.ArgumentParser(description="Train an mmlib encoder.",
+                                     epilog="losses (--set loss=...):" + LOSSES_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML/JSON TrainConfig file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override fields, e.g. max_steps=50 encoder.learning_rate=3e-4")

@@ -251,6 +251,7 @@ def test_gradcache_matches_plain_step_for_hard_negative_losses(tmp_path, mode):
     (dict(guide="self"), "options of loss=hard_negatives"),
     (dict(loss="hard_negatives", hard_negative_mode="mine"), "hard_negative_mode must be one of"),
     (dict(loss="hard_negatives", guide="teacher"), "guide must be one of"),
+    (dict(loss="hard_negatives", guide_margin=0.1), "no effect with guide='none'"),
     (dict(loss="multilevel", micro_batch_size=2), "micro_batch_size"),
     (dict(loss="multilevel", layers=[-1, -2], layer_weights=[1.0]), "one per layer"),
     (dict(loss="multilevel", layers=[]), "layers must be a non-empty list"),
