@@ -25,6 +25,8 @@ from mmlib.validation import (
     require_str,
 )
 
+# The default ladder adapts to embed_dim: the entries of (256, 512, 1024, 2048) <= embed_dim,
+# plus embed_dim (mmlib.losses.default_dims); any other mrl_dims is taken literally.
 DEFAULT_MRL_DIMS: tuple[int | None, ...] = (256, 512, 1024, 2048, None)
 # peft matches a string target as a full-name regex; restricting it to the language model
 # keeps LoRA off the vision tower's MLPs, which share the names gate/up/down_proj.

@@ -23,6 +23,7 @@ a batch); `LengthBucketSampler` is an opt-in that shapes the negatives.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -350,6 +351,7 @@ class ImageTextDataset(Dataset):
         if self.with_hard_negatives and self.direction == "text2image":
             found = [self._row_of_text[t] for t in row.hard_negatives if t in self._row_of_text]
             item["hard_negative_images"] = [self.load_row_image(self.rows[k]) for k in found]
+            item["hard_negative_image_ids"] = [self.image_id(self.rows[k]) for k in found]
         return item
 
     def __repr__(self) -> str:
@@ -358,13 +360,29 @@ class ImageTextDataset(Dataset):
 
 
 # -------------------------------------------------------------------------------- collator
+def stable_id(kind: str, value: str) -> int:
+    """A 64-bit identity of an item that is the same in every process and run (not `hash`)."""
+    digest = hashlib.blake2b(f"{kind}\0{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _image_ids(values: Sequence[Any], what: str) -> list[int]:
+    if any(v is None for v in values):
+        raise ValueError(f"{what} are missing: items need them (ImageTextDataset items carry "
+                         "them) so that the loss can tell an image from a copy of itself")
+    return [stable_id("image", str(v)) for v in values]
+
+
 class ImageTextCollator:
     """collate_fn: dataset items -> {"query", "target", "hard_negatives", "indices"} batches.
 
     text2image: query = captions, target = images, hard negatives = images of hard-negative
     captions; image2text: query = images, target = captions, hard negatives = captions.
-    Hard negatives of all items are flattened into one batch (extra shared negatives, i.e.
-    target rows B..N-1 of the loss); "hard_negative_owner" gives the item each came from.
+    Hard negatives of all items are flattened into one batch (extra negatives, i.e. target
+    rows B..N-1 of the loss); "hard_negative_owner" gives the item each came from.
+    "target_ids" (B,) and "hard_negative_ids" (M,) are int64 identities (`stable_id` of the
+    image id, or of the caption): the loss never counts a hard negative that is some row's
+    positive, nor a row sharing a query's positive, as a negative.
     """
 
     def __init__(self, processor: Any, max_length: int | None = None, direction: str | None = None):
@@ -383,11 +401,24 @@ class ImageTextCollator:
         images = build_inputs(self.processor, images=[it["image"] for it in items])
         query, target = (texts, images) if direction == "text2image" else (images, texts)
         key = "hard_negative_images" if direction == "text2image" else "hard_negatives"
-        owners, negatives = [], []
+        owners, negatives, neg_ids = [], [], []
         for k, it in enumerate(items):
-            for neg in it.get(key, []):
-                owners.append(k)
-                negatives.append(neg)
+            found = it.get(key, [])
+            if direction == "text2image":
+                ids = it.get("hard_negative_image_ids", [None] * len(found))
+                if len(ids) != len(found):
+                    raise ValueError(f"item {k}: {len(found)} hard_negative_images but "
+                                     f"{len(ids)} hard_negative_image_ids; give one id per image")
+                ids = _image_ids(ids, f"item {k}: hard_negative_image_ids") if found else []
+            else:
+                ids = [stable_id("text", t) for t in found]
+            owners += [k] * len(found)
+            negatives += found
+            neg_ids += ids
+        if direction == "text2image":
+            target_ids = _image_ids([it.get("image_id") for it in items], "items' 'image_id'")
+        else:
+            target_ids = [stable_id("text", it["text"]) for it in items]
         hard = None
         if negatives:
             if direction == "text2image":
@@ -399,6 +430,8 @@ class ImageTextCollator:
             "target": target,
             "hard_negatives": hard,
             "hard_negative_owner": torch.tensor(owners, dtype=torch.long),
+            "target_ids": torch.tensor(target_ids, dtype=torch.long),
+            "hard_negative_ids": torch.tensor(neg_ids, dtype=torch.long),
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
 

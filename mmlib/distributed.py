@@ -260,6 +260,30 @@ def gather_for_loss(query: Tensor, target: Tensor,
     return torch.cat(queries), torch.cat(positives + extras)
 
 
+def gather_rows(x: Tensor) -> Tensor:
+    """Every rank's rows of `x` (no gradient; row counts may differ), concatenated in rank order."""
+    if not is_distributed():
+        return x
+    sizes = gather_sizes(x.shape[0], x.device)
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+
+
+def gather_loss_ids(target_ids: Tensor, hard_negative_ids: Tensor,
+                    hard_negative_owner: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Identities in the layout of `gather_for_loss`: all ranks' target ids (row i = global
+    query i), then all ranks' hard-negative ids, and their owners as global query rows."""
+    if not is_distributed():
+        return target_ids, hard_negative_ids, hard_negative_owner
+    counts = gather_sizes(target_ids.shape[0], target_ids.device)
+    offset = sum(counts[:dist.get_rank()])
+    return (gather_rows(target_ids), gather_rows(hard_negative_ids),
+            gather_rows(hard_negative_owner + offset))
+
+
 # ------------------------------------------------------------------------- parameter gradients
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s trainable parameters and buffers to every rank (as DDP does at start)."""

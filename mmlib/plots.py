@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "plot_per_dim_loss",
     "plot_similarity_heatmap",
     "plot_cost_vs_accuracy",
+    "plot_training_curves",
 ]
 
 _COLORS = {"ok": "tab:blue", "vanishing": "tab:orange", "exploding": "tab:red", "frozen": "0.8"}
@@ -261,6 +263,51 @@ def plot_cost_vs_accuracy(
     ax.grid(True, alpha=0.3)
     if any(results):
         ax.legend()
+    return ax
+
+
+def plot_training_curves(
+    metrics: str | Path | pd.DataFrame,
+    ax: Axes | None = None,
+    columns: Sequence[str] | None = None,
+    logy: bool = False,
+) -> Axes:
+    """Training loss against step: the total ``loss`` and every per-dim (per-layer) term.
+
+    ``metrics``: a run's ``metrics.jsonl`` (or its folder), or that file read into a DataFrame.
+    Only ``split == "train"`` rows are used. ``columns``: which to draw (default ``loss`` and
+    every ``loss@...`` column, e.g. ``loss@64``, ``loss@L-2@64``); the learnable temperature
+    (``temperature``) may be named too.
+    """
+    if isinstance(metrics, (str, Path)):
+        path = Path(metrics)
+        path = path / "metrics.jsonl" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no metrics file at '{path}'; pass a run's metrics.jsonl")
+        metrics = pd.read_json(path, lines=True)
+    if not isinstance(metrics, pd.DataFrame):
+        raise TypeError(f"metrics must be a path or a DataFrame, got {type(metrics).__name__}")
+    df = metrics[metrics["split"] == "train"] if "split" in metrics.columns else metrics
+    if "step" not in df.columns or df.empty:
+        raise ValueError("metrics have no training rows with a 'step' column; pass the "
+                         "metrics.jsonl that mmlib.train writes")
+    if columns is None:
+        columns = [c for c in df.columns if c == "loss" or c.startswith("loss@")]
+    missing = [c for c in columns if c not in df.columns]
+    if missing or not columns:
+        raise ValueError(f"columns {missing or columns} not in the metrics; available: "
+                         f"{sorted(df.columns)}")
+    ax = _axes(ax, (7.0, 4.0))
+    for col in columns:
+        rows = df[["step", col]].dropna().sort_values("step")
+        ax.plot(rows["step"], rows[col], label=col, linewidth=2.0 if col == "loss" else 1.2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return ax
 
 

@@ -9,6 +9,8 @@ of one micro-batch); accumulation across batches does *not* add negatives. AdamW
 warm-up and cosine decay, AMP from the encoder config (bf16 on GPU; fp16 uses a GradScaler),
 gradient clipping with the norm logged, periodic retrieval evaluation per Matryoshka dim,
 metrics as JSONL, safetensors checkpoints that resume exactly.
+`loss` chooses mrl | full | hard_negatives | multilevel (see LOSSES_DOC); per-dim losses are
+logged as `loss@64` (`loss@L-2@64` per layer), see `mmlib.plots.plot_training_curves`.
 
 One run per `output_dir` (mmlib/run_dir.py): a lock names the live run, a fresh run refuses a
 folder holding another run's outputs (`resume=auto` continues it, `overwrite=true` replaces
@@ -29,6 +31,7 @@ that do not fit one GPU (mmlib/fsdp.py); the step and the checkpoints stay the s
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -67,6 +70,7 @@ from mmlib.distributed import (
     broadcast_parameters,
     cleanup,
     gather_for_loss,
+    gather_loss_ids,
     init_distributed,
     local_batch_size,
     max_over_ranks,
@@ -75,7 +79,11 @@ from mmlib.encoder import MultimodalEncoder
 from mmlib.evaluation import evaluate_dataset
 from mmlib.fsdp import full_state_dict, full_tensor, load_full_tensor, shard_encoder
 from mmlib.gradcache import gradcache_step, split_batch
-from mmlib.losses import matryoshka_in_batch_negative_loss
+from mmlib.losses import (
+    ContrastiveLossWithHardNegatives,
+    LearnableTemperature,
+    MultiLevelContrastiveLoss,
+)
 from mmlib.run_dir import (
     CheckpointError,
     RunLock,
@@ -108,7 +116,7 @@ class TrainConfig:
     train_split: str | None = "train"
     eval_split: str | None = "validation"
     direction: str = "text2image"
-    loss: str = "mrl"  # "mrl": every dim of encoder.mrl_dims; "full": the full width only
+    loss: str = "mrl"  # mrl | full | hard_negatives | multilevel (see LOSSES)
     symmetric: bool = True
     hard_negatives: bool = False
     skip_bad: bool = False
@@ -128,12 +136,19 @@ class TrainConfig:
     # of similar caption length (less padding, but every batch's negatives have one length)
     batch_sampler: str = "no_duplicates"
 
+    learnable_temperature: bool = False  # CLIP-style, starts at encoder.temperature; logged
+    hard_negative_mode: str = "shared"  # loss=hard_negatives: "shared" (MNRL) | "per_query"
+    guide: str = "none"  # loss=hard_negatives false-negative guard: "none" | "self" | "frozen"
+    guide_margin: float = 0.0  # guard: drop negatives scoring > positive - margin (by the guide)
+    dim_weights: list[float] | dict[int, float] | None = None  # one per loss dim; None = 1 each
+    layers: list[int] = field(default_factory=lambda: [-1, -2])  # loss=multilevel: decoder layers
+    layer_weights: list[float] | None = None  # loss=multilevel: one per layer; None = 1 each
+
     def __post_init__(self) -> None:
         # Every field to its declared type (a dict `encoder` → EncoderConfig, "3e-4" → 3e-4),
         # errors naming the dotted field (encoder.learning_rate), before anything is built.
         coerce_fields(self)
-        if self.loss not in ("mrl", "full"):
-            raise ValueError(f"loss must be 'mrl' or 'full', got {self.loss!r}")
+        self._check_loss_fields()
         if self.direction not in ("text2image", "image2text"):
             raise ValueError(f"direction must be 'text2image' or 'image2text', got {self.direction!r}")
         for name in ("max_steps", "log_every"):
@@ -149,11 +164,44 @@ class TrainConfig:
         if self.batch_sampler not in BATCH_SAMPLERS:
             raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {self.batch_sampler!r}")
 
+    def _check_loss_fields(self) -> None:
+        """Raise ValueError naming a bad or contradictory loss setting."""
+        for name, choices in (("loss", LOSSES), ("hard_negative_mode", ("shared", "per_query")),
+                              ("guide", ("none", "self", "frozen"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.loss != "hard_negatives" and (self.guide != "none"
+                                              or self.hard_negative_mode != "shared"):
+            raise ValueError(f"guide={self.guide!r} / hard_negative_mode={self.hard_negative_mode!r}"
+                             f" are options of loss=hard_negatives, not of loss={self.loss!r}")
+        if not isinstance(self.guide_margin, (int, float)) or not math.isfinite(self.guide_margin):
+            raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin!r}")
+        if self.guide == "none" and self.guide_margin != 0.0:
+            raise ValueError(f"guide_margin={self.guide_margin} has no effect with guide='none'; "
+                             "set guide to 'self' or 'frozen', or drop guide_margin")
+        if self.loss == "multilevel":
+            if not self.layers or not all(isinstance(x, int) and x != 0 for x in self.layers):
+                raise ValueError(f"layers must be a non-empty list of decoder layers (1-based, or "
+                                 f"-1 for the last), got {self.layers!r}")
+            if self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
+                raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for layers "
+                                 f"{self.layers}; give one per layer or null")
+            if self.micro_batch_size is not None:
+                raise ValueError("loss=multilevel cannot run with micro_batch_size (GradCache "
+                                 "caches one embedding per row, not one per layer): set "
+                                 "micro_batch_size to null or use loss=mrl")
+            if self.fsdp:
+                raise ValueError("loss=multilevel is not supported with fsdp=true "
+                                 "(forward_layers bypasses the sharded forward); use loss=mrl")
+        if self.fsdp and (self.learnable_temperature or self.guide == "frozen"):
+            raise ValueError("fsdp=true supports neither learnable_temperature nor guide=frozen "
+                             "(the temperature is not sharded, a frozen copy would be); turn them off")
+
     @property
     def loss_dims(self) -> list[int]:
         """The dims the loss is summed over."""
         dims = self.encoder.resolved_mrl_dims()
-        return dims if self.loss == "mrl" else [self.encoder.embed_dim]
+        return [self.encoder.embed_dim] if self.loss == "full" else dims
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (nested encoder config) for YAML / JSON."""
@@ -185,6 +233,40 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown TrainConfig field(s) {unknown}; valid: {sorted(names)}")
         return cls(**data)
+
+
+LOSSES = ("mrl", "full", "hard_negatives", "multilevel")
+LOSSES_DOC = """
+mrl             Matryoshka InfoNCE over encoder.mrl_dims (weights: dim_weights)
+full            the same at the full width only
+hard_negatives  mrl plus the manifest's hard negatives (read automatically), shared by the batch
+                (hard_negative_mode: shared, as MNRL) or per_query, and a false-negative guard
+                (guide: self = the model's own scores at each dim, frozen = a frozen copy of the
+                starting encoder, as GISTEmbed; guide_margin)
+multilevel      mrl at several decoder layers (layers, layer_weights; 2D Matryoshka)
+Every loss masks hard negatives that are some row's positive; learnable_temperature for any.
+"""
+
+
+def build_loss(config: TrainConfig) -> torch.nn.Module:
+    """The loss module a config asks for (its parameters, e.g. a learnable temperature, train)."""
+    enc = config.encoder
+    temperature = (LearnableTemperature(enc.temperature) if config.learnable_temperature
+                   else enc.temperature)
+    dims, weights = config.loss_dims, config.dim_weights
+    if config.loss == "multilevel":
+        return MultiLevelContrastiveLoss(dims, weights, config.layer_weights, temperature,
+                                         config.symmetric)
+    margin = float(config.guide_margin) if config.guide != "none" else None
+    return ContrastiveLossWithHardNegatives(dims, weights, temperature, config.symmetric,
+                                            margin=margin)
+
+
+def loss_metric_name(key: Any) -> str:
+    """metrics.jsonl column of a per-dim loss: `loss@64`, or `loss@L-2@64` per layer."""
+    if isinstance(key, tuple):
+        return f"loss@L{key[0]}@{key[1]}"
+    return f"loss@{key}"
 
 
 # -- schedule -------------------------------------------------------------------------------
@@ -282,7 +364,8 @@ class Trainer:
             shard_encoder(self.encoder)  # before the optimizer: parameters become shards
         self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
                                           direction=config.direction, skip_bad=config.skip_bad,
-                                          with_hard_negatives=config.hard_negatives)
+                                          with_hard_negatives=(config.hard_negatives or
+                                                               config.loss == "hard_negatives"))
         self.eval_set = (ImageTextDataset(config.manifest, split=config.eval_split,
                                           skip_bad=config.skip_bad)
                          if config.eval_split else None)
@@ -305,11 +388,15 @@ class Trainer:
                                                    self.dist.world_size)
         self.collate = ImageTextCollator(self.encoder.processor, max_length=enc_cfg.max_length,
                                          direction=config.direction)
-        self.loss_fn = functools.partial(matryoshka_in_batch_negative_loss,
-                                         dims=config.loss_dims, temperature=enc_cfg.temperature,
-                                         symmetric=config.symmetric)
-        self.optimizer = torch.optim.AdamW(param_groups(self.encoder, config.weight_decay),
-                                           lr=enc_cfg.learning_rate)
+        self.loss_fn = build_loss(config).to(self.encoder.device)
+        # GISTEmbed's guide: a frozen copy of the starting encoder (also on resume: copied
+        # before the checkpoint is loaded).
+        self.guide = (copy.deepcopy(self.encoder).eval().requires_grad_(False)
+                      if config.guide == "frozen" else None)
+        self._details: list[dict[str, torch.Tensor]] = []  # per-dim losses of the current step
+        self.optimizer = torch.optim.AdamW(
+            param_groups(torch.nn.ModuleList([self.encoder, self.loss_fn]), config.weight_decay),
+            lr=enc_cfg.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(warmup_cosine, warmup=config.warmup_steps,
                                               total=config.max_steps))
@@ -332,19 +419,78 @@ class Trainer:
             self._trim_log(self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _embed(self, batch: dict[str, Any]) -> Any:
+        """Embeddings of a processor batch: (B, E), or {layer: (B, E)} for loss=multilevel."""
+        if self.config.loss == "multilevel":
+            return self.encoder.forward_layers(batch, self.config.layers)
+        return self.encoder(**batch)
+
+    def _guide_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The frozen guide's (query, [targets; hard negatives]) embeddings, no grad."""
+        if self.guide is None:
+            return None
+        mb = self.config.micro_batch_size
+        parts = [batch["query"], batch["target"]] + ([batch["hard_negatives"]]
+                                                     if batch["hard_negatives"] is not None else [])
+        with torch.no_grad():
+            embs = [torch.cat([self.guide(**m) for m in split_batch(p, mb)]) if mb else
+                    self.guide(**p) for p in parts]
+        return embs[0], torch.cat(embs[1:])
+
+    def _loss(self, q: Any, t: Any, batch: dict[str, Any] | None = None,
+              guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Loss of the (global) batch: under torchrun every rank gathers all ranks' query and
-        target embeddings, with gradient, and computes the same loss of the global batch."""
+        target embeddings, with gradient, and computes the same loss of the global batch.
+        `t` is [positives; hard negatives]; `batch` gives their identities (target_ids,
+        hard_negative_ids, hard_negative_owner); per-dim losses are kept for the log."""
+        multilevel = isinstance(q, dict)
+        ids = None  # batches from ImageTextCollator carry identities; without them, no masks
+        if batch is not None and batch.get("target_ids") is not None:
+            ids = tuple(batch[k].to(self.encoder.device)
+                        for k in ("target_ids", "hard_negative_ids", "hard_negative_owner"))
         if self.dist.enabled:
-            q, t = gather_for_loss(q, t)  # t: this rank's positives, then its hard negatives
-        return self.loss_fn(q, t)
+            if multilevel:  # t: this rank's positives, then its hard negatives
+                pairs = {k: gather_for_loss(q[k], t[k]) for k in q}
+                q, t = {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+            else:
+                q, t = gather_for_loss(q, t)
+            ids = gather_loss_ids(*ids) if ids is not None else None
+            if guide is not None:
+                guide = gather_for_loss(*guide)
+        pos_ids, hard_ids, owner = ids if ids is not None else (None, None, None)
+        n = next(iter(q.values())).shape[0] if multilevel else q.shape[0]
+        if hard_ids is not None and hard_ids.numel() == 0:
+            hard_ids = None
+        if multilevel:
+            loss, details = self.loss_fn(
+                {k: (q[k], t[k]) for k in q}, return_details=True, positive_ids=pos_ids,
+                hard_negative_ids=hard_ids)
+        else:
+            kwargs = {"positive_ids": pos_ids}
+            hard = t[n:] if t.shape[0] > n else None
+            if hard is not None:
+                kwargs["hard_negative_ids"] = hard_ids
+                if self.config.hard_negative_mode == "per_query":
+                    if owner is None:
+                        raise ValueError("hard_negative_mode=per_query needs the batch's "
+                                         "hard_negative_owner (ImageTextCollator gives it)")
+                    kwargs["hard_negative_owner"] = owner
+            if guide is not None:
+                gq, gt = guide
+                kwargs.update(guide_query=gq, guide_positive=gt[:n],
+                              guide_hard_negatives=gt[n:] if hard is not None else None)
+            loss, details = self.loss_fn(q, t[:n], hard, return_details=True, **kwargs)
+        self._details.append({loss_metric_name(k): v for k, v in details.items()})
+        return loss
 
     def _batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Forward + backward of one batch (divided by the accumulation count)."""
         accum = self.config.encoder.grad_accum_steps
-        loss_fn = self._loss
-        if accum > 1:
-            loss_fn = lambda q, t: self._loss(q, t) / accum  # noqa: E731
+        guide = self._guide_embeddings(batch)
+
+        def loss_fn(q: Any, t: Any) -> torch.Tensor:
+            return self._loss(q, t, batch, guide) / accum
+
         mb = self.config.micro_batch_size
         # Under FSDP every forward and backward is a collective (layers are gathered), so all
         # ranks must run the same ones, even when their hard-negative counts differ.
@@ -354,26 +500,36 @@ class Trainer:
             return gradcache_step(self.encoder, batch["query"], batch["target"], loss_fn, mb,
                                   extra_targets=batch["hard_negatives"],
                                   scale=self.scaler.scale, align=align) * accum
-        q = self.encoder(**batch["query"])
-        targets = [self.encoder(**batch["target"])]
+        q = self._embed(batch["query"])
+        targets = [self._embed(batch["target"])]
         hard = batch["hard_negatives"]
         any_hard = align([hard is not None])[0] if align is not None else hard is not None
         if hard is not None:
-            targets.append(self.encoder(**hard))
+            targets.append(self._embed(hard))
         elif any_hard:
             # Another rank embeds hard negatives: run a one-row dummy in the same place and keep
             # none of its rows (zero gradient, same graph shape, so the same collectives).
-            targets.append(self.encoder(**split_batch(batch["target"], 1)[0])[:0])
-        loss = loss_fn(q, torch.cat(targets))
+            targets.append(self._embed(split_batch(batch["target"], 1)[0])[:0])
+        if isinstance(q, dict):
+            t = {k: torch.cat([x[k] for x in targets]) for k in q}
+        else:
+            t = torch.cat(targets)
+        loss = loss_fn(q, t)
         self.scaler.scale(loss).backward()
         return loss.detach() * accum
+
+    def _loss_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The loss's trainable parameters (a learnable temperature), named for checkpoints."""
+        return {f"loss.{n}": p for n, p in self.loss_fn.named_parameters() if p.requires_grad}
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` batches; returns loss, grad norm, lr."""
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._details = []
         losses = [self._batch_loss(b) for b in batches]
         params = [p for p in self.encoder.parameters() if p.requires_grad]
+        params += list(self._loss_parameters().values())
         if self.dist.enabled and not self.config.fsdp:  # FSDP's reduce-scatter averages itself
             # Rank r's gradient is W x the part of the global loss's gradient that flows through
             # its rows (the gather's backward sums over the W ranks, which all compute the same
@@ -391,12 +547,19 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
         lr = self.scheduler.get_last_lr()[0]
         self._updating = True  # an exception from here on leaves no consistent step to save
+        learnable = getattr(self.loss_fn, "temperature", None)  # the value this step's loss used
+        tau = learnable.temperature if isinstance(learnable, LearnableTemperature) else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
         self._updating = False
-        return {"loss": float(torch.stack(losses).mean()), "grad_norm": float(grad_norm), "lr": lr}
+        stats = {"loss": float(torch.stack(losses).mean()), "grad_norm": float(grad_norm), "lr": lr}
+        for name in self._details[0] if self._details else []:  # mean over accumulated batches
+            stats[name] = float(torch.stack([d[name] for d in self._details]).mean())
+        if tau is not None:
+            stats["temperature"] = tau
+        return stats
 
     def _commit(self) -> None:
         """Remember the data position and RNG state after a completed step: a checkpoint
@@ -604,6 +767,7 @@ class Trainer:
         main = self.dist.is_main
         trainable = {n: p for n, p in self.encoder.named_parameters() if p.requires_grad}
         weights = full_state_dict(self.encoder, main, keep=trainable.__contains__)
+        trainable |= self._loss_parameters()  # a learnable temperature resumes too
         moments = {}
         for name, p in trainable.items():  # the same order on every rank
             for key, value in sorted(self.optimizer.state.get(p, {}).items()):
@@ -613,6 +777,7 @@ class Trainer:
         if not main:
             self._saved_at = self.step
             return path
+        weights |= {n: p.detach().cpu().contiguous() for n, p in self._loss_parameters().items()}
         done = self._committed
         moments["rng::cpu"] = done["rng_cpu"]
         for i, s in enumerate(done["rng_cuda"]):
@@ -642,7 +807,7 @@ class Trainer:
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"{path} is not an mmlib checkpoint (no state.json)")
         weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(self.encoder.named_parameters())
+        params = {**dict(self.encoder.named_parameters()), **self._loss_parameters()}
         missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
         if missing:
             raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}: "
@@ -747,7 +912,9 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description="Train an mmlib encoder.")
+    parser = argparse.ArgumentParser(description="Train an mmlib encoder.",
+                                     epilog="losses (--set loss=...):" + LOSSES_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML/JSON TrainConfig file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override fields, e.g. max_steps=50 encoder.learning_rate=3e-4")

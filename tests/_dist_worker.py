@@ -91,7 +91,15 @@ def check_toy_gather(out: Path, rank: int) -> None:
     p = torch.tensor([[rank, 1, i] for i in range(b)], dtype=torch.float64)
     e = torch.tensor([[rank, 2, i] for i in range(xn)], dtype=torch.float64).reshape(xn, 3)
     gq, gt = gather_for_loss(q, torch.cat([p, e])) if rank == 0 else gather_for_loss(q, p, e)
-    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt}, out / f"toy_rank{rank}.pt")
+    # identities in the same layout: rank r has B_r = 1 + r targets (ids 10 r + i) and
+    # X_r = 2 - r hard negatives (ids 100 r + k) owned by its local query 0
+    from mmlib.distributed import gather_loss_ids
+
+    ids = gather_loss_ids(torch.tensor([10 * rank + i for i in range(b)]),
+                          torch.tensor([100 * rank + k for k in range(xn)], dtype=torch.long),
+                          torch.zeros(xn, dtype=torch.long))
+    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt, "ids": ids},
+               out / f"toy_rank{rank}.pt")
 
 
 def check_encoder_step(out: Path, rank: int) -> None:

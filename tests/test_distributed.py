@@ -166,6 +166,15 @@ def test_gather_for_loss_layout(dist_run):
         assert torch.equal(got["q"], q) and torch.equal(got["t"], t)
 
 
+def test_gather_loss_ids_layout(dist_run):
+    """Ids follow the embeddings: [all target ids], [all hard-negative ids]; owners become
+    global query rows (rank 1's local query 0 is global row 1)."""
+    for r in range(WORLD):
+        target_ids, hard_ids, owners = load(dist_run / f"toy_rank{r}.pt")["ids"]
+        assert target_ids.tolist() == [0, 10, 11]
+        assert hard_ids.tolist() == [0, 1, 100] and owners.tolist() == [0, 0, 1]
+
+
 @pytest.fixture(scope="module")
 def single_process_step():
     """Loss and gradients of one process on the whole global batch (+ every rank's extras)."""

@@ -465,7 +465,7 @@ def test_hard_negative_errors():
     fn = ContrastiveLossWithHardNegatives(dims=(None,))
     q, p = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"hard_negatives must have shape \(B, K, E\)"):
-        fn(q, p, torch.randn(4, 8))
+        fn(q, p, torch.randn(4, 3))  # 2-D (M, E) is shared; this width is wrong
     with pytest.raises(ValueError, match="one row per query row"):
         fn(q, torch.randn(5, 8))
     with pytest.raises(ValueError, match="mine_hardest must be >= 0"):
@@ -521,3 +521,213 @@ def test_multilevel_errors():
     bad[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"\(level, dim\) \(1, 16\)"):
         MultiLevelContrastiveLoss(dims=(None,))({0: (q, t), 1: (bad, t)})
+
+
+# ---------------------------------------------------------------- default dims follow the width
+@pytest.mark.parametrize(
+    "width,expected",
+    [(4096, (256, 512, 1024, 2048, 4096)), (2048, (256, 512, 1024, 2048)),
+     (1024, (256, 512, 1024)), (600, (256, 512, 600)), (256, (256,)), (64, (64,))],
+)
+def test_default_dims_keep_the_ladder_entries_that_fit(width, expected):
+    from mmlib.losses import DEFAULT_DIMS
+
+    assert resolve_dims(DEFAULT_DIMS, width) == expected
+    q, t = make(4, 4, width, seed=3)
+    loss, details = matryoshka_in_batch_negative_loss(q, t, return_details=True)
+    assert tuple(details) == expected
+    ref = naive_mrl(q, t, [(d, 1.0) for d in expected])
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_issue_line_default_dims_below_2048():
+    loss = matryoshka_in_batch_negative_loss(torch.randn(4, 1024), torch.randn(4, 1024))
+    assert math.isfinite(float(loss))
+    assert ContrastiveLossWithHardNegatives()(torch.randn(4, 64), torch.randn(4, 64)).isfinite()
+    # an explicit dim larger than the width is still an error
+    with pytest.raises(ValueError, match="larger than the embedding width"):
+        resolve_dims((256, 2048), 1024)
+
+
+# ---------------------------------------------------------------- identities, shared / per-query hard negatives
+def naive_candidate_loss(q, p, h, d, tau, symmetric, row_cols, row_hard, col_rows):
+    """One dim from explicit candidate lists: query i sees targets row_cols[i] and hard
+    negatives row_hard[i]; in the reverse direction target j sees queries col_rows[j]."""
+    qn, pn = F.normalize(q[:, :d], dim=1), F.normalize(p[:, :d], dim=1)
+    hn = F.normalize(h[:, :d], dim=1) if h is not None else None
+    rows = []
+    for i in range(q.shape[0]):
+        cand = [qn[i] @ pn[j] for j in row_cols[i]] + [qn[i] @ hn[m] for m in row_hard[i]]
+        rows.append(torch.logsumexp(torch.stack(cand) / tau, 0) - (qn[i] @ pn[i]) / tau)
+    loss = torch.stack(rows).mean()
+    if symmetric:
+        cols = [torch.logsumexp(torch.stack([qn[i] @ pn[j] for i in col_rows[j]]) / tau, 0)
+                - (qn[j] @ pn[j]) / tau for j in range(q.shape[0])]
+        loss = (loss + torch.stack(cols).mean()) / 2
+    return loss
+
+
+def _batch_with_collisions():
+    """5 pairs, row 4 shares row 1's image; 4 shared hard negatives: #0 is row 2's image, #3
+    repeats #1. Only hard negatives 1 and 2 are true negatives of every query."""
+    gen = torch.Generator().manual_seed(40)
+    q = torch.randn(5, 16, generator=gen)
+    p = torch.randn(5, 16, generator=gen)
+    p[4] = p[1]
+    h = torch.randn(4, 16, generator=gen)
+    h[0], h[3] = p[2], h[1]
+    ids = torch.tensor([10, 11, 12, 13, 11]), torch.tensor([12, 100, 101, 100])
+    return q.requires_grad_(), p.requires_grad_(), h.requires_grad_(), ids
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_hard_negative_that_is_a_positive_is_masked_for_every_query(symmetric):
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    fn = ContrastiveLossWithHardNegatives(dims=(8, None), symmetric=symmetric)
+    loss, details = fn(q, p, h, return_details=True, positive_ids=pid, hard_negative_ids=hid)
+    same = {(1, 4), (4, 1)}  # rows sharing an image are not each other's negatives
+    cols = [[j for j in range(5) if (i, j) not in same] for i in range(5)]
+    ref = {d: naive_candidate_loss(q, p, h, d, 0.07, symmetric, cols, [[1, 2]] * 5, cols)
+           for d in (8, 16)}
+    torch.testing.assert_close(loss, ref[8] + ref[16], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(details[8], ref[8].detach(), rtol=RTOL, atol=ATOL)
+    for got, want in zip(grads(loss, q, p, h), grads(ref[8] + ref[16], q, p, h), strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    # without identities row 2's own image is counted as a negative of row 2 and loss rises
+    blind = fn(q, p, h)
+    assert float(blind.detach()) > float(loss.detach()) + 0.1
+
+
+def test_per_query_hard_negatives_with_identities():
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    owner = torch.tensor([2, 0, 0, 0])  # #0 (row 2's image) offered to row 2 itself
+    fn = ContrastiveLossWithHardNegatives(dims=(None,), temperature=0.05)
+    loss = fn(q, p, h, positive_ids=pid, hard_negative_ids=hid, hard_negative_owner=owner)
+    same = {(1, 4), (4, 1)}
+    cols = [[j for j in range(5) if (i, j) not in same] for i in range(5)]
+    hard = [[1, 2], [], [], [], []]  # #0 is a positive, #3 repeats #1 for the same owner
+    ref = naive_candidate_loss(q, p, h, 16, 0.05, True, cols, hard, cols)
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+    # (B, K, E) per-query input equals 2-D input with owners
+    h3 = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(41))
+    owners = torch.arange(5).repeat_interleave(2)
+    torch.testing.assert_close(fn(q, p, h3), fn(q, p, h3.reshape(10, 16),
+                                                hard_negative_owner=owners), rtol=RTOL, atol=ATOL)
+
+
+def _fixed_embedding_model(key):
+    """A stand-in sentence-transformers model returning the embeddings stored under `key`."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    class Fixed(torch.nn.Module):
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+        max_seq_length = 8
+
+        def forward(self, features):
+            return {"sentence_embedding": features[key]}
+
+    return Fixed()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_shared_hard_negatives_equal_sentence_transformers_mnrl(symmetric):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    gen = torch.Generator().manual_seed(42)
+    a, p, n = (torch.randn(6, 32, generator=gen, requires_grad=True) for _ in range(3))
+    tau = 0.05
+    ours = ContrastiveLossWithHardNegatives(dims=(None,), temperature=tau, symmetric=symmetric)
+    directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+    st = MultipleNegativesRankingLoss(None, scale=1 / tau, directions=directions,
+                                      partition_mode="per_direction")
+    got, want = ours(a, p, n), st.compute_loss_from_embeddings([a, p, n], None)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    for g, w in zip(grads(got, a, p, n), grads(want, a, p, n), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # per-query hard negatives are a different loss (each query sees one, not six)
+    per_query = ours(a, p, n[:, None, :])
+    assert abs(float(per_query.detach()) - float(want.detach())) > 1e-2
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+def test_guided_guard_equals_sentence_transformers_gistembed(margin):
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+
+    gen = torch.Generator().manual_seed(43)
+    a, p, n = (torch.randn(6, 24, generator=gen, requires_grad=True) for _ in range(3))
+    # guide: a different, correlated model, so that it masks some negatives but not all
+    ga, gp, gn = (x.detach()[:, :12] + 0.5 * torch.randn(6, 12, generator=gen) for x in (a, p, n))
+    gp[3], gn[1] = ga[0], ga[2]  # two clear false negatives by the guide's judgement
+    st = GISTEmbedLoss(_fixed_embedding_model("emb"), _fixed_embedding_model("guide"),
+                       temperature=0.05, margin=margin, contrast_anchors=False,
+                       contrast_positives=False)
+    feats = [{"emb": a, "guide": ga}, {"emb": p, "guide": gp}, {"emb": n, "guide": gn}]
+    want = st(feats, None)
+    ours = ContrastiveLossWithHardNegatives(dims=(None,), temperature=0.05, symmetric=False,
+                                            margin=margin)
+    got = ours(a, p, n, guide_query=ga, guide_positive=gp, guide_hard_negatives=gn)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    for g, w in zip(grads(got, a, p, n), grads(want, a, p, n), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # the guide really decided: unguarded and self-guided losses differ
+    unguarded = ContrastiveLossWithHardNegatives(dims=(None,), temperature=0.05, symmetric=False)
+    assert float(unguarded(a, p, n).detach()) > float(got.detach()) + 1e-3
+    assert abs(float(ours(a, p, n).detach()) - float(got.detach())) > 1e-3
+
+
+def test_identity_and_guide_errors():
+    fn = ContrastiveLossWithHardNegatives(dims=(None,))
+    q, p, h = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(TypeError, match="positive_ids must be an integer tensor"):
+        fn(q, p, h, positive_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"hard_negative_ids must have shape \(3,\)"):
+        fn(q, p, h, hard_negative_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="hard_negative_owner must index the 4 queries"):
+        fn(q, p, h, hard_negative_owner=torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="set margin"):
+        fn(q, p, guide_query=q, guide_positive=p)
+    with pytest.raises(ValueError, match="without hard_negatives"):
+        fn(q, p, hard_negative_ids=torch.arange(3))
+
+
+def test_multilevel_applies_identities_at_every_level():
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    levels = {-1: (q, torch.cat([p, h])), -2: (q * 0.5 + 0.1, torch.cat([p, h]).flip(1))}
+    fn = MultiLevelContrastiveLoss(dims=(8, None), level_weights={-1: 1.0, -2: 0.25})
+    loss, details = fn(levels, return_details=True, positive_ids=pid, hard_negative_ids=hid)
+    same = {(1, 4), (4, 1)}
+    cols = [[j for j in range(5) if (i, j) not in same] for i in range(5)]
+    ref = 0
+    for key, lw in ((-1, 1.0), (-2, 0.25)):
+        lq, lt = levels[key]
+        for d in (8, 16):
+            one = naive_candidate_loss(lq, lt[:5], lt[5:], d, 0.07, True, cols, [[1, 2]] * 5, cols)
+            torch.testing.assert_close(details[(key, d)], one.detach(), rtol=RTOL, atol=ATOL)
+            ref = ref + lw * one
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_masked_loss_gives_a_learnable_temperature_the_naive_gradient():
+    q, p, h, (pid, hid) = _batch_with_collisions()
+    temp = LearnableTemperature(0.07)
+    fn = ContrastiveLossWithHardNegatives(dims=(None,), temperature=temp, margin=0.0)
+    loss = fn(q, p, h, positive_ids=pid, hard_negative_ids=hid)
+    (got,) = torch.autograd.grad(loss, temp.log_scale)
+    tau = torch.tensor(0.07, requires_grad=True)
+    qn, pn, hn = (F.normalize(x.detach(), dim=1) for x in (q, p, h))
+    cos, pos = qn @ pn.T, (qn * pn).sum(1)
+    same = {(1, 4), (4, 1)}
+    cols = [[j for j in range(5) if j == i or ((i, j) not in same and cos[i, j] <= pos[i])]
+            for i in range(5)]
+    hard = [[m for m in (1, 2) if qn[i] @ hn[m] <= pos[i]] for i in range(5)]
+    rows = [[i for i in range(5) if i == j or ((i, j) not in same and cos[i, j] <= pos[j])]
+            for j in range(5)]
+    ref = naive_candidate_loss(q.detach(), p.detach(), h.detach(), 16, tau, True, cols, hard, rows)
+    (d_tau,) = torch.autograd.grad(ref, tau)
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+    # d/d log_scale = d/d tau * d tau / d log_scale = d/d tau * (-tau)
+    torch.testing.assert_close(got, -0.07 * d_tau, rtol=1e-4, atol=1e-6)
+    assert any(len(c) < 4 for c in cols)  # something was masked

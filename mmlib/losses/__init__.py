@@ -3,6 +3,7 @@
 from .hard_negatives import ContrastiveLossWithHardNegatives
 from .matryoshka import (
     DEFAULT_DIMS,
+    default_dims,
     matryoshka_in_batch_negative_loss,
     resolve_dims,
     resolve_dims_and_weights,
@@ -15,6 +16,7 @@ __all__ = [
     "ContrastiveLossWithHardNegatives",
     "LearnableTemperature",
     "MultiLevelContrastiveLoss",
+    "default_dims",
     "matryoshka_in_batch_negative_loss",
     "resolve_dims",
     "resolve_dims_and_weights",

@@ -59,11 +59,15 @@ from .temperature import resolve_temperature
 
 __all__ = [
     "DEFAULT_DIMS",
+    "default_dims",
     "matryoshka_in_batch_negative_loss",
     "resolve_dims",
     "resolve_dims_and_weights",
 ]
 
+# The default ladder. It adapts to the width: passed as dims (the default of every loss and of
+# EncoderConfig.mrl_dims), it means "the entries of (256, 512, 1024, 2048) that are <= E, plus E"
+# (E = 1024 -> 256, 512, 1024; E < 256 -> E only). Any other dims tuple is taken literally.
 DEFAULT_DIMS: tuple[int | None, ...] = (256, 512, 1024, 2048, None)
 
 _NORM_EPS = 1e-12  # same clamp as torch.nn.functional.normalize
@@ -116,9 +120,23 @@ def _given_dims(dims: object) -> list[object]:
     return given
 
 
+def default_dims(width: int) -> tuple[int, ...]:
+    """The default ladder at width ``E``: the entries of (256, 512, 1024, 2048) <= E, plus E."""
+    return tuple(sorted({d for d in DEFAULT_DIMS if d is not None and d <= width} | {width}))
+
+
+def _given_or_default(dims: object, width: int) -> list[object]:
+    if isinstance(dims, (tuple, list)) and tuple(dims) == DEFAULT_DIMS:
+        return list(default_dims(width))
+    return _given_dims(dims)
+
+
 def resolve_dims(dims: int | Sequence[int | None], width: int) -> tuple[int, ...]:
-    """Validate ``dims`` against width ``E``: ``None`` -> E, de-duplicated, sorted ascending."""
-    return tuple(sorted({_as_dim(d, width) for d in _given_dims(dims)}))
+    """Validate ``dims`` against width ``E``: ``None`` -> E, de-duplicated, sorted ascending.
+
+    ``DEFAULT_DIMS`` adapts to the width (:func:`default_dims`); other dims are taken literally.
+    """
+    return tuple(sorted({_as_dim(d, width) for d in _given_or_default(dims, width)}))
 
 
 def _as_weight(value: object, where: str) -> float:
@@ -143,7 +161,7 @@ def resolve_dims_and_weights(
     ``None`` or a duplicate; merged entries must agree), or a dict ``{dim: weight}`` covering every
     dim (``None`` and ``E`` name the same dim). Weights must be finite and >= 0.
     """
-    given = _given_dims(dims)
+    given = _given_or_default(dims, width)
     resolved = tuple(sorted({_as_dim(d, width) for d in given}))
     if weights is None:
         return resolved, (1.0,) * len(resolved)

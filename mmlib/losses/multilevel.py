@@ -27,6 +27,10 @@ Example::
 
 Levels may also be given as two sequences (or two stacked (L, B, E) tensors), one entry per
 level: ``loss_fn(queries, targets)``; levels are then keyed 0, 1, ...
+
+Each level's target rows ``B..N-1`` are hard negatives shared by the batch; identities
+(``positive_ids``, ``hard_negative_ids``) apply to every level, with the masks of
+:class:`~mmlib.losses.ContrastiveLossWithHardNegatives` (no positive is counted as a negative).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .matryoshka import DEFAULT_DIMS, matryoshka_in_batch_negative_loss, raise_if_nonfinite
+from .hard_negatives import ContrastiveLossWithHardNegatives
+from .matryoshka import DEFAULT_DIMS, raise_if_nonfinite
 from .temperature import resolve_temperature
 
 __all__ = ["MultiLevelContrastiveLoss"]
@@ -161,26 +166,36 @@ class MultiLevelContrastiveLoss(nn.Module):
         queries: Levels | Sequence[Tensor] | Tensor,
         targets: Sequence[Tensor] | Tensor | None = None,
         return_details: bool = False,
+        *,
+        positive_ids: Tensor | None = None,
+        hard_negative_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, dict[tuple[Hashable, int], Tensor]]:
-        """Weighted sum over levels; details are ``{(level, dim): L}`` (0-dim, detached)."""
+        """Weighted sum over levels; details are ``{(level, dim): L}`` (0-dim, detached).
+
+        ``positive_ids`` (B,) / ``hard_negative_ids`` (N - B,): int64 identities shared by
+        every level (see :class:`~mmlib.losses.ContrastiveLossWithHardNegatives`).
+        """
         levels = self._levels(queries, targets)
         level_weights = self._level_weights([key for key, _, _ in levels])
         temperature = self.temperature
         if isinstance(temperature, nn.Module):
             temperature = temperature()
+        level_loss = ContrastiveLossWithHardNegatives(
+            self.dims, self.weights, temperature, self.symmetric, check_finite=False
+        )
         total = None
         details = {}
         for (key, q, t), lw in zip(levels, level_weights, strict=True):
             try:
-                loss, per_dim = matryoshka_in_batch_negative_loss(
+                B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 2 else 0
+                hard = t[B:] if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] > B else None
+                loss, per_dim = level_loss(
                     q,
-                    t,
-                    dims=self.dims,
-                    weights=self.weights,
-                    temperature=temperature,
-                    symmetric=self.symmetric,
+                    t[:B] if hard is not None else t,
+                    hard,
                     return_details=True,
-                    check_finite=False,
+                    positive_ids=positive_ids,
+                    hard_negative_ids=hard_negative_ids,
                 )
             except (TypeError, ValueError) as err:
                 raise type(err)(f"level {key!r}: {err}") from err
