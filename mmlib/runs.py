@@ -1,0 +1,78 @@
+"""Trained runs for notebooks and scripts: load a finished run, or train it once and cache it.
+
+    enc, source = trained_encoder("configs/tiny_mrl.yaml", steps=200)
+
+`make train` writes `runs/<name>/final`; a notebook loads that when it was trained from the same
+config. Otherwise the config is trained here, shortened to `steps`, into the cache
+(`$MMLIB_CACHE/runs/<hash of the effective config>`), so that the next notebook that asks for
+the same run loads it instead of training again. Training is deterministic from the config's
+seed, so a cached run is the run the config describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from mmlib.encoder import CONFIG_FILE, MultimodalEncoder
+from mmlib.tiny import default_cache_dir
+from mmlib.train import TrainConfig, Trainer
+
+# Fields that do not change the trained weights.
+_NOT_WEIGHTS = ("output_dir", "resume", "overwrite", "progress", "eval_every", "eval_split",
+                "log_every", "save_every")
+
+
+def _weights_key(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    for name in _NOT_WEIGHTS:
+        d.pop(name, None)
+    return d
+
+
+def _finished(folder: Path, cfg: TrainConfig) -> bool:
+    """`folder` holds a final model trained from exactly `cfg` (up to logging/eval settings)."""
+    saved = folder / "train_config.yaml"
+    if not ((folder / "final" / CONFIG_FILE).is_file() and saved.is_file()):
+        return False
+    try:
+        done = TrainConfig(**yaml.safe_load(saved.read_text()))
+    except (TypeError, ValueError):
+        return False
+    return _weights_key(done) == _weights_key(cfg)
+
+
+def trained_encoder(config_path: str | os.PathLike, steps: int | None = None,
+                    runs_dir: str | os.PathLike | None = None,
+                    overrides: Sequence[str] = ()) -> tuple[MultimodalEncoder, str]:
+    """(encoder in eval mode, where it came from) for a training config.
+
+    Looks in `runs_dir / <output_dir name>` for a run of the config as written (e.g. from
+    `make train`), then in the cache for a run shortened to `steps`; trains the latter if
+    neither exists. `overrides` are `--set`-style strings applied to the config first."""
+    cfg = TrainConfig.load(config_path, list(overrides))
+    name = Path(cfg.output_dir).name
+    if runs_dir is not None and _finished(Path(runs_dir) / name, cfg):
+        final = Path(runs_dir) / name / "final"
+        return MultimodalEncoder.from_pretrained(final).eval(), f"loaded {name}/final ({cfg.max_steps} steps)"
+    if steps is not None:
+        cfg = TrainConfig.load(config_path, [*overrides, f"max_steps={steps}",
+                                             f"warmup_steps={max(1, steps // 10)}"])
+    digest = hashlib.sha256(json.dumps(_weights_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    folder = default_cache_dir() / "runs" / f"{name}-{digest}"
+    if not _finished(folder, cfg):
+        short = [*overrides, f"output_dir={folder}", "overwrite=true", "progress=false",
+                 "eval_split=null", "eval_every=0", "save_every=0"]
+        if steps is not None:
+            short += [f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"]
+        trainer = Trainer(TrainConfig.load(config_path, short))
+        trainer.train()
+        trainer.close()
+        return trainer.encoder.eval(), f"trained here ({cfg.max_steps} steps)"
+    return (MultimodalEncoder.from_pretrained(folder / "final").eval(),
+            f"cached run ({cfg.max_steps} steps)")
