@@ -24,20 +24,17 @@ install: $(STAMP)
 tiny: install
 	$(BIN)/python -m mmlib.tiny
 
-# The synthetic set with a >= 1000-caption held-out test split: 1920 images, 7718 captions
-# (test 1203), ~6 MB, git-ignored; `mmlib.synthetic.ensure_generated` makes the same from Python.
-SYNTHETIC := data_samples/generated/synthetic/manifest.jsonl
-$(SYNTHETIC): mmlib/synthetic.py $(STAMP)
-	$(BIN)/python -m mmlib.synthetic --out $(dir $@) --n 1920 --seed 0
-
-synthetic: $(SYNTHETIC)
+# The synthetic set with a >= 1000-caption held-out test split (1920 images, 7718 captions, test
+# 1203, ~6 MB): configs name it `manifest: synthetic:1920`, generated on first use into the cache.
+synthetic: install
+	$(BIN)/python -c "from mmlib.synthetic import resolve_manifest; print(resolve_manifest('synthetic:1920'))"
 
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 # The two runs of the Matryoshka comparison (notebook 05 loads them when present). Without
 # final/ a run continues from its newest complete checkpoint (or starts: resume=auto); with an
 # out-of-date final/ (config or install changed) it starts afresh (overwrite=true).
-runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(SYNTHETIC) $(STAMP)
+runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(STAMP)
 	$(BIN)/python -m mmlib.train --config $< --set output_dir=runs/tiny_$* \
 		$(if $(wildcard runs/tiny_$*/final),overwrite=true,resume=auto)
 

@@ -5,7 +5,7 @@
 
 Trains `configs/tiny_mrl.yaml` and `configs/tiny_full.yaml` (they differ only in `loss`) once per
 batch sampler (`length_grouped`, the old default, and `no_duplicates`, the new one) on the
-multi-caption synthetic set (`make synthetic`: 1920 images, 1203 held-out test captions of 303
+multi-caption synthetic set (`manifest: synthetic:1920`: 1920 images, 1203 held-out test captions of 303
 images), then evaluates each final model on the test split with the image-caption protocol
 (unique images; image->text hit if any caption is in the top k) and 95 % percentile-bootstrap
 intervals over queries. Prints a Markdown table and writes runs/compare/results.csv.
@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from mmlib.data import ImageTextDataset  # noqa: E402
 from mmlib.evaluation import evaluate_dataset  # noqa: E402
-from mmlib.synthetic import ensure_generated  # noqa: E402
 from mmlib.train import TrainConfig, Trainer  # noqa: E402
 
 METRICS = ("q2t_top1", "q2t_top5", "t2q_top1", "t2q_top5")
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = TrainConfig.load(ROOT / LOSSES["MRL"])
-    manifest = ensure_generated(Path(cfg.manifest).parent, n=1920, seed=0)
-    test = ImageTextDataset(manifest, split="test")
+    test = ImageTextDataset(cfg.manifest, split="test")
     dims = cfg.encoder.resolved_mrl_dims()
     print(f"test split: {len(test)} captions of {len(set(test.image_ids))} images; dims {dims}")
 

@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from mmlib.processing import ImageLoadError, build_inputs, load_image
+from mmlib.synthetic import resolve_manifest
 
 logger = logging.getLogger("mmlib")
 
@@ -189,7 +190,7 @@ class ImageTextDataset(Dataset):
         skip_bad: bool = False,
         with_hard_negatives: bool = False,
     ):
-        manifest = Path(manifest)
+        manifest = resolve_manifest(manifest)  # a path, or "synthetic:N" (generated once)
         self._setup(read_manifest(manifest), manifest, root if root is not None else manifest.parent,
                     split, direction, skip_bad, with_hard_negatives)
 

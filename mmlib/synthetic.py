@@ -9,7 +9,8 @@ square"). One manifest row per caption; the rows of an image share its file and 
 
     python -m mmlib.synthetic --out data_samples/synthetic --n 600 --seed 0   # committed sample
     python -m mmlib.synthetic --out data_samples/generated/synthetic --n 1920  # >= 1000 test captions
-    ensure_generated("data_samples/generated/synthetic", n=1920)   # the same, only when missing
+    ImageTextDataset("synthetic:1920", split="test")   # the same set as a manifest spec: generated
+                                                       # once into $MMLIB_CACHE, then reused
 
 Deterministic: the same arguments give byte-identical PNGs and manifest. Image i does not
 depend on ``n`` as long as n stays on the same side of the 640 attribute combinations (its
@@ -376,6 +377,24 @@ def ensure_generated(out_dir: str | Path, n: int, seed: int = 0,
                 raise
     shutil.rmtree(tmp, ignore_errors=True)
     return out / "manifest.jsonl"
+
+
+_SPEC = re.compile(r"^synthetic:(\d+)(?::(\d+))?$")
+
+
+def resolve_manifest(manifest: str | os.PathLike) -> Path:
+    """A manifest path as given, or for the spec `synthetic:N[:SEED]` the manifest of the
+    synthetic set of N images (seed 0 by default), generated on first use into
+    `$MMLIB_CACHE/synthetic/nN-seedS` (git-ignored under `make`) and reused after that."""
+    match = _SPEC.match(str(manifest))
+    if match is None:
+        return Path(manifest)
+    from mmlib.tiny import default_cache_dir  # the cache that holds the tiny model too
+
+    n, seed = int(match[1]), int(match[2] or 0)
+    if n < 1:
+        raise ValueError(f"manifest {manifest!r}: the synthetic set needs at least one image")
+    return ensure_generated(default_cache_dir() / "synthetic" / f"n{n}-seed{seed}", n=n, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

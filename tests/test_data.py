@@ -659,3 +659,17 @@ def test_trainer_batches_hold_each_image_once(tmp_path):
         Trainer(TrainConfig(**{**cfg, "encoder": enc.replace(batch_size=2000),
                                "output_dir": str(tmp_path / "big")}),
                 encoder=trainer.encoder)
+
+
+def test_synthetic_manifest_spec_generates_once_into_the_cache(tmp_path, monkeypatch):
+    from mmlib.synthetic import resolve_manifest
+
+    monkeypatch.setenv("MMLIB_CACHE", str(tmp_path))
+    assert resolve_manifest("data/x.jsonl") == Path("data/x.jsonl")  # a path stays a path
+    ds = ImageTextDataset("synthetic:12:3", split=None)
+    path = tmp_path / "synthetic" / "n12-seed3" / "manifest.jsonl"
+    assert ds.manifest == path and len(set(ds.image_ids)) == 12
+    stamp = path.stat().st_mtime_ns
+    assert resolve_manifest("synthetic:12:3") == path and path.stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(ValueError, match="at least one image"):
+        resolve_manifest("synthetic:0")
