@@ -86,6 +86,7 @@ from mmlib.losses import (
 )
 from mmlib.run_dir import (
     CheckpointError,
+    RunDirBusy,
     RunLock,
     atomic_dir,
     checkpoint_state,
@@ -920,9 +921,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="override fields, e.g. max_steps=50 encoder.learning_rate=3e-4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = TrainConfig.load(args.config, args.set)
+    try:  # a bad config or a folder in use: one clear line, no traceback
+        config = TrainConfig.load(args.config, args.set)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.exit(2, f"mmlib.train: error: {e}\n")
     try:
-        trainer = Trainer(config)
+        try:
+            trainer = Trainer(config)
+        except (FileExistsError, RunDirBusy) as e:
+            parser.exit(2, f"mmlib.train: error: {e}\n")
         result = trainer.train()
     except KeyboardInterrupt as e:  # 130 after Ctrl-C, 143 after SIGTERM (checkpoint saved)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))

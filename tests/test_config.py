@@ -190,7 +190,9 @@ def test_readme_training_command_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     data = yaml.safe_load((root / "configs" / "tiny_mrl.yaml").read_text())
     data["encoder"].update(batch_size=8, embed_dim=32, mrl_dims=[8, None], device="cpu")
-    data.update(manifest=str(root / data["manifest"]), output_dir=str(tmp_path / "run"),
+    # The committed sample, not the 1920-image set the config names (seconds, not a generation).
+    data.update(manifest=str(root / "data_samples/synthetic/manifest.jsonl"),
+                output_dir=str(tmp_path / "run"),
                 eval_every=0, eval_split=None, warmup_steps=1, progress=False)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny_mrl.yaml").write_text(yaml.safe_dump(data))
