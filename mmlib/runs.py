@@ -47,6 +47,28 @@ def _finished(folder: Path, cfg: TrainConfig) -> bool:
     return _weights_key(done) == _weights_key(cfg)
 
 
+def _locate(config_path: str | os.PathLike, steps: int | None, runs_dir: str | os.PathLike | None,
+            overrides: Sequence[str]) -> tuple[Path, TrainConfig, str]:
+    """(run folder, its config, how it is reached): `runs_dir`'s finished run of the config as
+    written, else the cache folder of the run shortened to `steps`."""
+    cfg = TrainConfig.load(config_path, list(overrides))
+    name = Path(cfg.output_dir).name
+    if runs_dir is not None and _finished(Path(runs_dir) / name, cfg):
+        return Path(runs_dir) / name, cfg, f"loaded {name}/final ({cfg.max_steps} steps)"
+    if steps is not None:
+        overrides = [*overrides, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"]
+        cfg = TrainConfig.load(config_path, overrides)
+    digest = hashlib.sha256(json.dumps(_weights_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_dir() / "runs" / f"{name}-{digest}", cfg, "cache"
+
+
+def run_folder(config_path: str | os.PathLike, steps: int | None = None,
+               runs_dir: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Path:
+    """The folder (final/, metrics.jsonl, train_config.yaml) that `trained_encoder` with the
+    same arguments loads from or trains into."""
+    return _locate(config_path, steps, runs_dir, overrides)[0]
+
+
 def trained_encoder(config_path: str | os.PathLike, steps: int | None = None,
                     runs_dir: str | os.PathLike | None = None,
                     overrides: Sequence[str] = ()) -> tuple[MultimodalEncoder, str]:
@@ -55,24 +77,17 @@ def trained_encoder(config_path: str | os.PathLike, steps: int | None = None,
     Looks in `runs_dir / <output_dir name>` for a run of the config as written (e.g. from
     `make train`), then in the cache for a run shortened to `steps`; trains the latter if
     neither exists. `overrides` are `--set`-style strings applied to the config first."""
-    cfg = TrainConfig.load(config_path, list(overrides))
-    name = Path(cfg.output_dir).name
-    if runs_dir is not None and _finished(Path(runs_dir) / name, cfg):
-        final = Path(runs_dir) / name / "final"
-        return MultimodalEncoder.from_pretrained(final).eval(), f"loaded {name}/final ({cfg.max_steps} steps)"
+    folder, cfg, how = _locate(config_path, steps, runs_dir, overrides)
+    if how != "cache":
+        return MultimodalEncoder.from_pretrained(folder / "final").eval(), how
+    if _finished(folder, cfg):
+        return (MultimodalEncoder.from_pretrained(folder / "final").eval(),
+                f"cached run ({cfg.max_steps} steps)")
+    short = [*overrides, f"output_dir={folder}", "overwrite=true", "progress=false",
+             "eval_split=null", "eval_every=0", "save_every=0"]
     if steps is not None:
-        cfg = TrainConfig.load(config_path, [*overrides, f"max_steps={steps}",
-                                             f"warmup_steps={max(1, steps // 10)}"])
-    digest = hashlib.sha256(json.dumps(_weights_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    folder = default_cache_dir() / "runs" / f"{name}-{digest}"
-    if not _finished(folder, cfg):
-        short = [*overrides, f"output_dir={folder}", "overwrite=true", "progress=false",
-                 "eval_split=null", "eval_every=0", "save_every=0"]
-        if steps is not None:
-            short += [f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"]
-        trainer = Trainer(TrainConfig.load(config_path, short))
-        trainer.train()
-        trainer.close()
-        return trainer.encoder.eval(), f"trained here ({cfg.max_steps} steps)"
-    return (MultimodalEncoder.from_pretrained(folder / "final").eval(),
-            f"cached run ({cfg.max_steps} steps)")
+        short += [f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"]
+    trainer = Trainer(TrainConfig.load(config_path, short))
+    trainer.train()
+    trainer.close()
+    return trainer.encoder.eval(), f"trained here ({cfg.max_steps} steps)"

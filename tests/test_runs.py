@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from mmlib.runs import trained_encoder
+from mmlib.runs import run_folder, trained_encoder
 
 CONFIG = """encoder:
   model_path: tiny
@@ -38,6 +38,8 @@ def test_trains_once_then_loads_the_cached_run(tmp_path, monkeypatch):
     assert how == "trained here (2 steps)"
     again, how = trained_encoder(cfg, steps=2)
     assert how == "cached run (2 steps)"
+    folder = run_folder(cfg, steps=2)
+    assert (folder / "final").is_dir() and (folder / "metrics.jsonl").is_file()
     assert torch.allclose(first.encode_texts(texts), again.encode_texts(texts), atol=1e-6)
     other, how = trained_encoder(cfg, steps=3)  # another run: trained, not the cached one
     assert how == "trained here (3 steps)"
