@@ -351,8 +351,11 @@ class MultimodalEncoder(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, save_backbone: bool | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config, projection (safetensors), processor, and the backbone or LoRA adapter.
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        evaluation: pd.DataFrame | None = None,
+                        training: dict[str, Any] | None = None) -> Path:
+        """Write config, projection (safetensors), processor, the backbone or LoRA adapter, and
+        a model card (README.md, with `evaluation` per dim and the `training` settings if given).
 
         `save_backbone=None` saves the full backbone only when its own weights train
         (no LoRA, not fully frozen); otherwise the base model is referenced by `model_path`
@@ -376,6 +379,9 @@ class MultimodalEncoder(nn.Module):
         staging.mkdir(parents=True)
         try:
             self._write(staging, save_backbone, state_dict)
+            from mmlib.model_card import mmlib_card
+
+            (staging / "README.md").write_text(mmlib_card(self.config, evaluation, training))
             if target.exists():
                 old = target.parent / f".{target.name}.replaced-{os.getpid()}"
                 target.rename(old)

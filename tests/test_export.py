@@ -191,3 +191,75 @@ def test_config_prompts_round_trip_and_validate(tmp_path):
         EncoderConfig(prompts={"query": 3})
     with pytest.raises(ValueError, match="prompt names must be non-empty"):
         EncoderConfig(prompts={" ": "x"})
+
+
+def test_training_prompts_per_direction_and_final_card(tmp_path):
+    from mmlib.data import ImageTextCollator
+    from mmlib.train import TrainConfig, Trainer
+
+    prompts = {"query": "Find: ", "document": "Shown: "}
+    enc_cfg = EncoderConfig(device="cpu", embed_dim=32, mrl_dims=(8, None), batch_size=8,
+                            prompts=prompts)
+    trainer = Trainer(TrainConfig(encoder=enc_cfg, manifest="data_samples/synthetic/manifest.jsonl",
+                                  eval_split="validation", max_steps=1, warmup_steps=1,
+                                  output_dir=str(tmp_path / "run"), progress=False))
+    items = [trainer.train_set[i] for i in range(4)]
+    enc = trainer.encoder.eval()
+    batch = trainer.collate(items)
+    texts, images = [it["text"] for it in items], [it["image"] for it in items]
+    with torch.no_grad():
+        assert _close(enc(**batch["query"]), enc.encode_queries(texts=texts)) < TOL
+        assert _close(enc(**batch["target"]), enc.encode_documents(images=images)) < TOL
+    assert _close(enc.encode_queries(texts=texts), enc.encode_texts(texts)) > 1e-3
+    flipped = ImageTextCollator(enc.processor, max_length=40, direction="image2text",
+                                prompts=prompts)(items)
+    assert torch.equal(flipped["query"]["input_ids"],
+                       enc.tokenize(["Find: "] * 4, images)["input_ids"])
+    assert torch.equal(flipped["target"]["input_ids"],
+                       enc.tokenize(["Shown: " + t for t in texts])["input_ids"])
+
+    result = trainer.train()
+    final = tmp_path / "run" / "final"
+    card = (final / "README.md").read_text()
+    assert f"{result['eval'].loc[8, 'q2t_top1'].round(4):g}" in card and "| 32 |" in card
+    assert '"max_steps": 1' in card and "Matryoshka dims: 8, 32" in card
+    loaded = MultimodalEncoder.from_pretrained(final)  # README.md is not read
+    assert loaded.config.prompts == prompts
+
+
+def test_save_pretrained_card_is_replaced_with_the_folder(tmp_path, tiny_encoder):
+    import pandas as pd
+
+    df = pd.DataFrame({"q2t_top1": [0.125, 0.5], "t2q_top1": [0.25, 0.75]},
+                      index=pd.Index([256, 2048], name="dim"))
+    tiny_encoder.save_pretrained(tmp_path / "m", evaluation=df)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "| 256 | 0.125 | 0.25 |" in card and "| 2048 | 0.5 | 0.75 |" in card
+    assert "Base model: `tiny`" in card and "python -m mmlib.export" in card
+    tiny_encoder.save_pretrained(tmp_path / "m")  # a re-save replaces the card too
+    assert "## Evaluation" not in (tmp_path / "m" / "README.md").read_text()
+    assert MultimodalEncoder.from_pretrained(tmp_path / "m").config == tiny_encoder.config
+
+
+def test_evaluate_dataset_embeds_captions_as_queries_and_images_as_documents():
+    from mmlib.evaluation import evaluate_dataset, evaluate_image_caption
+
+    images = _images()
+
+    class Tiny:
+        texts = ["a red circle", "a red disc", "a blue square", "a green star"]
+        image_ids = ["a", "a", "b", "c"]
+
+        def image_for(self, i):
+            return images[[0, 0, 1, 2][i]]
+
+    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=32, mrl_dims=(8, None),
+                                          prompts={"query": "Find: ", "document": "Shown: "}))
+    got = evaluate_dataset(enc, Tiny())
+    want = evaluate_image_caption(enc.encode_queries(texts=Tiny.texts),
+                                  enc.encode_documents(images=images), [0, 0, 1, 2], dims=[8, 32])
+    unprompted = evaluate_image_caption(enc.encode_texts(Tiny.texts), enc.encode_images(images),
+                                        [0, 0, 1, 2], dims=[8, 32])
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(got, want)
+    assert not got.equals(unprompted)  # the prompts change the ranking on this set
