@@ -71,6 +71,10 @@ class EncoderConfig:
     batch_size: int = 32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Named texts prepended to an input's text (see mmlib.processing.apply_prompt), e.g.
+    # {"query": "Find an image that matches: ", "document": ""}; training gives the query side
+    # "query" and the target side "document" when they are set.
+    prompts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Booleans are accepted for freezing ("freeze_backbone=True"); every other field is
@@ -110,6 +114,9 @@ class EncoderConfig:
                                   f"{self.device_map!r}")
         if not isinstance(self.extra, dict):
             raise ValidationError("extra", f"must be a mapping, got {self.extra!r}")
+        for name in self.prompts:
+            if not name.strip():
+                raise ValidationError("prompts", f"prompt names must be non-empty, got {name!r}")
 
     def resolved_mrl_dims(self) -> list[int]:
         """`mrl_dims` with None → embed_dim, validated, de-duplicated and sorted."""

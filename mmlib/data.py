@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from mmlib.processing import ImageLoadError, build_inputs, load_image
+from mmlib.processing import ImageLoadError, apply_prompt, build_inputs, load_image
 from mmlib.synthetic import resolve_manifest
 
 logger = logging.getLogger("mmlib")
@@ -386,20 +386,25 @@ class ImageTextCollator:
     positive, nor a row sharing a query's positive, as a negative.
     """
 
-    def __init__(self, processor: Any, max_length: int | None = None, direction: str | None = None):
+    def __init__(self, processor: Any, max_length: int | None = None, direction: str | None = None,
+                 prompts: dict[str, str] | None = None):
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS} or None, got {direction!r}")
         self.processor = processor
         self.max_length = max_length
         self.direction = direction
+        # EncoderConfig.prompts: the query side gets "query", targets and hard negatives
+        # "document" (as encode_queries / encode_documents embed them).
+        self.prompts = dict(prompts or {})
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
         if len(items) == 0:
             raise ValueError("cannot collate an empty batch")
         direction = self.direction or items[0].get("direction", "text2image")
-        texts = build_inputs(self.processor, texts=[it["text"] for it in items],
-                             max_length=self.max_length)
-        images = build_inputs(self.processor, images=[it["image"] for it in items])
+        query, document = self.prompts.get("query", ""), self.prompts.get("document", "")
+        text_prompt, image_prompt = (query, document) if direction == "text2image" else (document, query)
+        texts = self._inputs([it["text"] for it in items], None, text_prompt)
+        images = self._inputs(None, [it["image"] for it in items], image_prompt)
         query, target = (texts, images) if direction == "text2image" else (images, texts)
         key = "hard_negative_images" if direction == "text2image" else "hard_negatives"
         owners, negatives, neg_ids = [], [], []
@@ -423,9 +428,9 @@ class ImageTextCollator:
         hard = None
         if negatives:
             if direction == "text2image":
-                hard = build_inputs(self.processor, images=negatives)
+                hard = self._inputs(None, negatives, image_prompt)
             else:
-                hard = build_inputs(self.processor, texts=negatives, max_length=self.max_length)
+                hard = self._inputs(negatives, None, text_prompt)
         return {
             "query": query,
             "target": target,
@@ -435,6 +440,10 @@ class ImageTextCollator:
             "hard_negative_ids": torch.tensor(neg_ids, dtype=torch.long),
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
+
+    def _inputs(self, texts: list | None, images: list | None, prompt: str) -> dict[str, Any]:
+        return build_inputs(self.processor, apply_prompt(texts, images, prompt), images,
+                            max_length=self.max_length)
 
 
 # -------------------------------------------------------------------------------- samplers

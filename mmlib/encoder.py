@@ -36,7 +36,14 @@ from mmlib.backbone import (
 from mmlib.config import SAVED_PARTS_KEY, EncoderConfig
 from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
-from mmlib.processing import ImageLike, build_inputs, check_text, count_inputs, format_prompt
+from mmlib.processing import (
+    ImageLike,
+    apply_prompt,
+    build_inputs,
+    check_text,
+    count_inputs,
+    format_prompt,
+)
 from mmlib.validation import require_int
 
 logger = logging.getLogger("mmlib")
@@ -230,6 +237,30 @@ class MultimodalEncoder(nn.Module):
         _check_list("images", images)
         return self.encode(images=images, dim=dim, **kwargs)
 
+    def encode_queries(self, texts: Sequence[str | None] | None = None,
+                       images: Sequence[ImageLike | None] | None = None, **kwargs: Any) -> torch.Tensor:
+        """`encode` with the "query" prompt when the config has one (else no prompt)."""
+        return self.encode(texts, images, prompt_name=self._role_prompt("query"), **kwargs)
+
+    def encode_documents(self, texts: Sequence[str | None] | None = None,
+                         images: Sequence[ImageLike | None] | None = None,
+                         **kwargs: Any) -> torch.Tensor:
+        """`encode` with the "document" prompt when the config has one (else no prompt)."""
+        return self.encode(texts, images, prompt_name=self._role_prompt("document"), **kwargs)
+
+    def _role_prompt(self, role: str) -> str | None:
+        return role if role in self.config.prompts else None
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text of the configured prompt `prompt_name` ("" for None)."""
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.config.prompts:
+            raise ValueError(f"prompt_name={prompt_name!r} is not a configured prompt; "
+                             f"config.prompts has {sorted(self.config.prompts)} (set "
+                             "EncoderConfig(prompts={...}) or drop prompt_name)")
+        return self.config.prompts[prompt_name]
+
     @torch.inference_mode()
     def encode(
         self,
@@ -241,8 +272,12 @@ class MultimodalEncoder(nn.Module):
         max_tokens: int | None = None,
         prefetch: bool | None = None,
         callback: Callable[[int], None] | None = None,
+        prompt_name: str | None = None,
     ) -> torch.Tensor:
         """(N, d) embeddings of N inputs, each texts[i] and/or images[i] as one input.
+
+        `prompt_name` prepends `config.prompts[prompt_name]` to every input's text (see
+        `mmlib.processing.apply_prompt`).
 
         Inputs are sorted by token count and batched so that similar lengths share a batch
         (little padding), then returned in the original order, on the CPU, in float32.
@@ -260,6 +295,7 @@ class MultimodalEncoder(nn.Module):
         if images is not None:
             _check_list("images", images, allow_none=texts is not None)
         count_inputs(texts, images, "encode")
+        texts = apply_prompt(texts, images, self.prompt(prompt_name))
         require_int("max_tokens", max_tokens, optional=True)
         if self.config.extra.get("compile") and not self._is_compiled():
             self.compile_for_inference()
@@ -315,8 +351,11 @@ class MultimodalEncoder(nn.Module):
 
     # -- save / load -----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, save_backbone: bool | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config, projection (safetensors), processor, and the backbone or LoRA adapter.
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        evaluation: pd.DataFrame | None = None,
+                        training: dict[str, Any] | None = None) -> Path:
+        """Write config, projection (safetensors), processor, the backbone or LoRA adapter, and
+        a model card (README.md, with `evaluation` per dim and the `training` settings if given).
 
         `save_backbone=None` saves the full backbone only when its own weights train
         (no LoRA, not fully frozen); otherwise the base model is referenced by `model_path`
@@ -340,6 +379,9 @@ class MultimodalEncoder(nn.Module):
         staging.mkdir(parents=True)
         try:
             self._write(staging, save_backbone, state_dict)
+            from mmlib.model_card import mmlib_card
+
+            (staging / "README.md").write_text(mmlib_card(self.config, evaluation, training))
             if target.exists():
                 old = target.parent / f".{target.name}.replaced-{os.getpid()}"
                 target.rename(old)

@@ -178,9 +178,14 @@ def evaluate_dataset(encoder: MultimodalEncoder, dataset: Any, dims: Sequence[in
         raise ValueError(f"dataset gives {len(texts)} texts but {len(image_ids)} image_ids; "
                          "both must have one entry per row")
     caption_image, first_rows = image_index(image_ids)
-    text_emb = encoder.encode_texts(texts, batch_size=batch_size, show_progress=show_progress)
+    # Captions are the queries, images the documents: their prompts, when configured.
+    prompts = getattr(getattr(encoder, "config", None), "prompts", None) or {}
+    role = {r: {"prompt_name": r} if r in prompts else {} for r in ("query", "document")}
+    text_emb = encoder.encode_texts(texts, batch_size=batch_size, show_progress=show_progress,
+                                    **role["query"])
     image_emb = encoder.encode_images([dataset.image_for(r) for r in first_rows],
-                                      batch_size=batch_size, show_progress=show_progress)
+                                      batch_size=batch_size, show_progress=show_progress,
+                                      **role["document"])
     dims = list(dims) if dims is not None else list(encoder.config.resolved_mrl_dims())
     return evaluate_image_caption(text_emb, image_emb, caption_image, dims=dims, ks=ks, ci=ci,
                                   n_boot=n_boot, seed=seed, ties=ties)

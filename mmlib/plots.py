@@ -25,6 +25,7 @@ __all__ = [
     "plot_similarity_heatmap",
     "plot_cost_vs_accuracy",
     "plot_training_curves",
+    "plot_accuracy_vs_bytes",
 ]
 
 _COLORS = {"ok": "tab:blue", "vanishing": "tab:orange", "exploding": "tab:red", "frozen": "0.8"}
@@ -308,6 +309,42 @@ def plot_training_curves(
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
+    return ax
+
+
+def plot_accuracy_vs_bytes(df: pd.DataFrame, metric: str = "q2t_top1", ax: Axes | None = None,
+                           annotate: bool = True) -> Axes:
+    """Retrieval `metric` against bytes per vector (log x), one line per precision, each point
+    labelled with its dim; error bars from ``{metric}_lo``/``_hi`` when present.
+
+    ``df`` is :func:`mmlib.quantize.evaluate_quantized` output (index dim, precision; a
+    ``bytes`` column).
+    """
+    flat = df.reset_index() if {"dim", "precision"} - set(df.columns) else df
+    for col in ("dim", "precision", "bytes"):
+        _column(flat, col, "df")
+    _column(flat, metric, "df")
+    if len(flat) == 0:
+        raise ValueError("df is empty; pass evaluate_quantized(...) output")
+    ax = _axes(ax, (6, 4))
+    for precision, part in flat.groupby("precision", sort=False):
+        part = part.sort_values("bytes")
+        x, y = part["bytes"].to_numpy(float), part[metric].to_numpy(float)
+        if f"{metric}_lo" in part and f"{metric}_hi" in part:
+            err = np.vstack([y - part[f"{metric}_lo"].to_numpy(float),
+                             part[f"{metric}_hi"].to_numpy(float) - y])
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=str(precision))
+        else:
+            ax.plot(x, y, marker="o", label=str(precision))
+        if annotate:
+            for xi, yi, d in zip(x, y, part["dim"], strict=True):
+                ax.annotate(_dim_label(d), (xi, yi), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per vector")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs storage")
+    ax.legend(title="precision")
     return ax
 
 

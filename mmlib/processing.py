@@ -108,6 +108,25 @@ def format_prompt(text: str | None, has_image: bool) -> str:
     return f"<|im_start|>user\n{VISION_PLACEHOLDER if has_image else ''}{text or ''}<|im_end|>"
 
 
+def apply_prompt(texts: Sequence[str | None] | None, images: Sequence[Any] | None,
+                 prompt: str) -> Sequence[str | None] | None:
+    """`texts` with `prompt` prepended to each input's text (an image-only input gets the
+    prompt as its text), so the prompt sits in the user turn after the image placeholder:
+    `<|im_start|>user\n<vision>{prompt}{text}<|im_end|>`. The prompt counts towards
+    `max_length` (prompt and text are truncated together), as in sentence-transformers."""
+    if not prompt:
+        return texts
+    n = count_inputs(texts, images, "apply_prompt")
+    texts = list(texts) if texts is not None else [None] * n
+    out: list[str | None] = []
+    for i, text in enumerate(texts):
+        check_text(text, i)
+        has_image = images is not None and images[i] is not None
+        # An input with neither text nor image stays empty, so its error is raised later.
+        out.append(prompt + (text or "") if text is not None or has_image else None)
+    return out
+
+
 def _truncate(tokenizer: Any, text: str, max_length: int | None) -> str:
     if max_length is None:
         return text

@@ -388,7 +388,7 @@ class Trainer:
             self.sampler = DistributedBatchSampler(self.sampler, self.dist.rank,
                                                    self.dist.world_size)
         self.collate = ImageTextCollator(self.encoder.processor, max_length=enc_cfg.max_length,
-                                         direction=config.direction)
+                                         direction=config.direction, prompts=enc_cfg.prompts)
         self.loss_fn = build_loss(config).to(self.encoder.device)
         # GISTEmbed's guide: a frozen copy of the starting encoder (also on resume: copied
         # before the checkpoint is loaded).
@@ -642,16 +642,17 @@ class Trainer:
             bar.close()
         train_time = time.perf_counter() - start
         self._checkpoint_now()
+        df = self.evaluate() if evaluates else None  # before the save: the model card lists it
         weights = (full_state_dict(self.encoder, main, keep=self.encoder.saves_weight)
                    if cfg.fsdp else None)
         if main:
             with atomic_dir(self.out / "final") as tmp:
-                self.encoder.save_pretrained(tmp, state_dict=weights)
+                self.encoder.save_pretrained(tmp, state_dict=weights, evaluation=df, training={
+                    k: v for k, v in cfg.to_dict().items() if k != "encoder"})
         del weights
         barrier()  # every rank returns once the final model is written
         result = {"train_time_s": train_time, "steps": self.step}
         if evaluates:
-            df = self.evaluate()
             if main:
                 df.to_csv(self.out / "eval.csv")
                 result["eval"] = df
