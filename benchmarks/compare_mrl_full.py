@@ -24,23 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmlib.data import ImageTextDataset  # noqa: E402
+from mmlib.encoder import MultimodalEncoder  # noqa: E402
 from mmlib.evaluation import evaluate_dataset  # noqa: E402
+from mmlib.runs import finished  # noqa: E402
 from mmlib.train import TrainConfig, Trainer  # noqa: E402
 
 METRICS = ("q2t_top1", "q2t_top5", "t2q_top1", "t2q_top5")
 LOSSES = {"MRL": "configs/tiny_mrl.yaml", "full-width only": "configs/tiny_full.yaml"}
 
 
-def run(config: str, sampler: str, out: Path, steps: int | None) -> tuple[Trainer, float]:
-    """Train one config with one sampler into `out` (replacing an earlier run there)."""
+def run(config: str, sampler: str, out: Path, steps: int | None) -> tuple[MultimodalEncoder, float]:
+    """Train one config with one sampler into `out`, or load the run there if it was trained
+    from the same settings (0 s)."""
     overrides = [f"batch_sampler={sampler}", f"output_dir={out}", "overwrite=true",
                  "progress=false", "eval_every=0", "eval_split=null"]
     if steps:
         overrides.append(f"max_steps={steps}")
-    trainer = Trainer(TrainConfig.load(ROOT / config, overrides))
+    cfg = TrainConfig.load(ROOT / config, overrides)
+    if finished(out, cfg):
+        return MultimodalEncoder.from_pretrained(out / "final"), 0.0
+    trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.train()
-    return trainer, time.perf_counter() - start
+    trainer.close()
+    return trainer.encoder, time.perf_counter() - start
 
 
 def cell(df: pd.DataFrame, dim: int, metric: str) -> str:
@@ -65,10 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for sampler in args.samplers:
         for name, config in LOSSES.items():
-            trainer, seconds = run(config, sampler, Path(args.out) / f"{sampler}-{Path(config).stem}",
-                                   args.steps)
-            df = evaluate_dataset(trainer.encoder.eval(), test, dims=dims, ci=0.95, show_progress=False)
-            trainer.close()
+            folder = Path(args.out) / f"{sampler}-{Path(config).stem}{f'-{args.steps}' if args.steps else ''}"
+            encoder, seconds = run(config, sampler, folder, args.steps)
+            df = evaluate_dataset(encoder.eval(), test, dims=dims, ci=0.95, show_progress=False)
             print(f"{sampler:>15} {name:>16}: {seconds:.0f} s, full-width q2t_top1 "
                   f"{df.loc[dims[-1], 'q2t_top1']:.3f}", flush=True)
             for dim in dims:

@@ -32,10 +32,12 @@ def _weights_key(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     for name in _NOT_WEIGHTS:
         d.pop(name, None)
+    if d["loss"] == "full":  # the full-width loss never reads the dims: they only name evaluations
+        d["encoder"].pop("mrl_dims")
     return d
 
 
-def _finished(folder: Path, cfg: TrainConfig) -> bool:
+def finished(folder: Path, cfg: TrainConfig) -> bool:
     """`folder` holds a final model trained from exactly `cfg` (up to logging/eval settings)."""
     saved = folder / "train_config.yaml"
     if not ((folder / "final" / CONFIG_FILE).is_file() and saved.is_file()):
@@ -53,7 +55,7 @@ def _locate(config_path: str | os.PathLike, steps: int | None, runs_dir: str | o
     written, else the cache folder of the run shortened to `steps`."""
     cfg = TrainConfig.load(config_path, list(overrides))
     name = Path(cfg.output_dir).name
-    if runs_dir is not None and _finished(Path(runs_dir) / name, cfg):
+    if runs_dir is not None and finished(Path(runs_dir) / name, cfg):
         return Path(runs_dir) / name, cfg, f"loaded {name}/final ({cfg.max_steps} steps)"
     if steps is not None:
         overrides = [*overrides, f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"]
@@ -80,7 +82,7 @@ def trained_encoder(config_path: str | os.PathLike, steps: int | None = None,
     folder, cfg, how = _locate(config_path, steps, runs_dir, overrides)
     if how != "cache":
         return MultimodalEncoder.from_pretrained(folder / "final").eval(), how
-    if _finished(folder, cfg):
+    if finished(folder, cfg):
         return (MultimodalEncoder.from_pretrained(folder / "final").eval(),
                 f"cached run ({cfg.max_steps} steps)")
     short = [*overrides, f"output_dir={folder}", "overwrite=true", "progress=false",
