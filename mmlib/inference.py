@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from mmlib.processing import ImageLike, build_inputs, check_text, count_inputs, format_prompt
+from mmlib.validation import is_int
 
 INDEX_FILE = "index.json"
 TENSOR_NAME = "embeddings"
@@ -72,11 +73,10 @@ def encode_to_disk(
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    if not is_int(chunk_size) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     n = count_inputs(texts, images, "encode_to_disk")
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)
-                            or not 0 < dim <= encoder.embed_dim):
+    if dim is not None and (not is_int(dim) or not 0 < dim <= encoder.embed_dim):
         raise ValueError(f"dim must be an int in [1, {encoder.embed_dim}] or None, got {dim!r}")
     width = encoder.embed_dim if dim is None else dim
     weights = weights_fingerprint(encoder)
