@@ -44,8 +44,8 @@ runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(SYNTHETIC) $(STAMP)
 train: tiny runs/tiny_mrl/final/mmlib_config.json runs/tiny_full/final/mmlib_config.json
 
 demo: train
-	$(BIN)/python -m mmlib.demo
-	$(BIN)/python -m mmlib.run_notebooks --out outputs
+	$(BIN)/python -m mmlib.tools.demo
+	$(BIN)/python -m mmlib.tools.run_notebooks --out outputs
 
 test: install
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)
