@@ -40,9 +40,11 @@ runs/tiny_%/final/mmlib_config.json: configs/tiny_%.yaml $(STAMP)
 
 train: tiny runs/tiny_mrl/final/mmlib_config.json runs/tiny_full/final/mmlib_config.json
 
+# The notebooks first (executed copies and figures in outputs/), then the main job last, so
+# that what stays on screen is the trained model at work and where those outputs are.
 demo: train
-	$(BIN)/python -m mmlib.demo
-	$(BIN)/python -m mmlib.run_notebooks --out outputs
+	$(BIN)/python -m mmlib.tools.run_notebooks --out outputs
+	$(BIN)/python -m mmlib.tools.demo --outputs outputs
 
 test: install
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)

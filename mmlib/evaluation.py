@@ -38,6 +38,7 @@ from mmlib.metrics import (
     bootstrap_indices,
     per_query_metrics,
 )
+from mmlib.validation import is_int
 
 if TYPE_CHECKING:
     from mmlib.encoder import MultimodalEncoder
@@ -73,7 +74,7 @@ def _check_protocol(ci: float | None, n_boot: int, ties: str) -> None:
                            or not 0 < ci < 1):
         raise ValueError(f"ci must be None (no intervals) or a level in (0, 1) such as 0.95, "
                          f"got {ci!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+    if not is_int(n_boot) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive int (e.g. 1000), got {n_boot!r}")
 
 

@@ -1,4 +1,6 @@
-"""Retrieval metrics for Matryoshka embeddings, gradient-flow diagnostics and cost tables.
+"""Retrieval metrics for Matryoshka embeddings, bootstrap intervals and cost tables.
+
+(Gradient-flow diagnostics live in `mmlib.gradient_flow`; they are re-exported here.)
 
 Every similarity is the cosine of the prefix ``[:dim]`` of each embedding, re-normalised after
 truncation and computed in float32 (``dim=None`` means the full width).
@@ -27,16 +29,17 @@ land in the top ``max(ks)``), never by a full sort.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from mmlib.gradient_flow import gradient_flow, layer_name, summarize_gradient_flow  # re-exported
 from mmlib.losses.matryoshka import resolve_dims
+from mmlib.validation import is_int
 
 __all__ = [
     "cosine_similarity_matrix",
@@ -81,9 +84,9 @@ def _check_embeddings(query: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 def _check_dim(dim: int | None, full: int) -> int:
     if dim is None:
         return full
-    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= full:
+    if not is_int(dim) or not 1 <= dim <= full:
         raise ValueError(f"dim must be an int in [1, {full}] or None (full size), got {dim!r}")
-    return dim
+    return int(dim)
 
 
 def _check_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
@@ -94,16 +97,14 @@ def _check_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
         ks = [ks]
     ks = list(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+    if not ks or any(not is_int(k) or k < 1 for k in ks):
         raise ValueError(f"{name} must be positive integers (e.g. (1, 5, 10); numpy ints are fine, "
                          f"floats and bools are not), got {given!r}")
     return sorted({int(k) for k in ks})
 
 
 def _check_chunk(chunk_size: int) -> int:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
+    return _check_count("chunk_size", chunk_size)
 
 
 def _check_ties(ties: str) -> str:
@@ -503,9 +504,9 @@ def per_query_metrics(
 
 
 def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
@@ -557,100 +558,6 @@ def bootstrap_ci(
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
     shape = v.shape[1:]
     return lo.reshape(shape), hi.reshape(shape)
-
-
-# --------------------------------------------------------------------------- gradient flow
-
-
-def layer_name(param_name: str, depth: int = 4) -> str:
-    """Coarse group of a parameter: its module path up to the first numeric part, or ``depth`` parts."""
-    parts = param_name.split(".")[:-1]  # drop "weight"/"bias"
-    if not parts:
-        return param_name  # a parameter registered on the root module
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            # Stop at the first block index so "...layers.3.mlp.up_proj" groups into layer 3.
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:depth])
-
-
-def gradient_flow(
-    model: nn.Module, vanishing: float = 1e-7, exploding: float = 1e3, layer_depth: int = 4
-) -> pd.DataFrame:
-    """Per-parameter gradient statistics after ``backward()``, with vanishing/exploding flags.
-
-    Frozen parameters (``requires_grad=False``) get NaN gradient statistics and are never
-    flagged. A trainable parameter whose ``.grad`` is None counts as a zero gradient (it
-    received no signal) and is flagged vanishing. ``grad_to_weight`` is NaN when the weight
-    norm is 0.
-    """
-    rows = []
-    for name, p in model.named_parameters():
-        frozen = not p.requires_grad
-        w = p.detach().float()
-        weight_norm = w.norm().item()
-        if frozen:
-            g_norm = g_mean = g_max = math.nan
-        elif p.grad is None:
-            g_norm = g_mean = g_max = 0.0
-        else:
-            g = p.grad.detach().float()
-            g_norm = g.norm().item()
-            g_mean = g.abs().mean().item() if g.numel() else 0.0
-            g_max = g.abs().max().item() if g.numel() else 0.0
-        rows.append(
-            {
-                "name": name,
-                "layer": layer_name(name, layer_depth),
-                "numel": p.numel(),
-                "frozen": frozen,
-                "grad_norm": g_norm,
-                "grad_mean_abs": g_mean,
-                "grad_max_abs": g_max,
-                "weight_norm": weight_norm,
-                "grad_to_weight": g_norm / weight_norm if weight_norm > 0 else math.nan,
-                "vanishing": (not frozen) and g_norm < vanishing,
-                "exploding": (not frozen) and (not math.isfinite(g_norm) or g_norm > exploding),
-            }
-        )
-    columns = [
-        "name",
-        "layer",
-        "numel",
-        "frozen",
-        "grad_norm",
-        "grad_mean_abs",
-        "grad_max_abs",
-        "weight_norm",
-        "grad_to_weight",
-        "vanishing",
-        "exploding",
-    ]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def summarize_gradient_flow(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer view of :func:`gradient_flow`: L2 norms combined, flags OR-ed, module order kept."""
-    out = []
-    for layer, g in df.groupby("layer", sort=False):
-        trainable = g[~g["frozen"]]
-        grad_norm = math.sqrt((trainable["grad_norm"] ** 2).sum()) if len(trainable) else math.nan
-        weight_norm = math.sqrt((g["weight_norm"] ** 2).sum())
-        out.append(
-            {
-                "layer": layer,
-                "n_tensors": len(g),
-                "numel": int(g["numel"].sum()),
-                "trainable_numel": int(trainable["numel"].sum()),
-                "frozen": bool(g["frozen"].all()),
-                "grad_norm": grad_norm,
-                "weight_norm": weight_norm,
-                "grad_to_weight": grad_norm / weight_norm if weight_norm > 0 else math.nan,
-                "vanishing": bool(g["vanishing"].any()),
-                "exploding": bool(g["exploding"].any()),
-            }
-        )
-    return pd.DataFrame(out).set_index("layer")
 
 
 # --------------------------------------------------------------------------- cost

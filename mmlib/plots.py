@@ -16,10 +16,11 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
-from mmlib.metrics import summarize_gradient_flow
+from mmlib.gradient_flow import gradient_flow_history, summarize_gradient_flow
 
 __all__ = [
     "plot_gradient_flow",
+    "plot_gradient_flow_over_steps",
     "plot_accuracy_vs_dim",
     "plot_per_dim_loss",
     "plot_similarity_heatmap",
@@ -28,7 +29,8 @@ __all__ = [
     "plot_accuracy_vs_bytes",
 ]
 
-_COLORS = {"ok": "tab:blue", "vanishing": "tab:orange", "exploding": "tab:red", "frozen": "0.8"}
+_COLORS = {"ok": "tab:blue", "vanishing": "tab:orange", "exploding": "tab:red", "frozen": "0.8",
+           "zero_at_init": "tab:green"}
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -58,10 +60,11 @@ def plot_gradient_flow(
     vanishing: float | None = None,
     exploding: float | None = None,
 ) -> Axes:
-    """Bar of gradient L2 norm per layer: frozen grey, vanishing orange, exploding red.
+    """Bar of gradient L2 norm per layer: frozen grey, vanishing orange, exploding red, and
+    green for a gradient that is zero by design (LoRA's A while B = 0 at initialisation).
 
-    ``df`` is :func:`mmlib.metrics.gradient_flow` output (grouped per layer here) or its
-    :func:`~mmlib.metrics.summarize_gradient_flow`. Bars with no finite positive height
+    ``df`` is :func:`mmlib.gradient_flow.gradient_flow` output (grouped per layer here) or its
+    :func:`~mmlib.gradient_flow.summarize_gradient_flow`. Bars with no finite positive height
     (frozen, zero or non-finite gradient) are drawn at the bottom/top of the axis so that every
     layer keeps a visible bar. ``vanishing``/``exploding`` draw the thresholds as dashed lines.
     """
@@ -87,6 +90,8 @@ def plot_gradient_flow(
             kind = "exploding"
         elif row["vanishing"]:
             kind = "vanishing"
+        elif row.get("zero_at_init", False):
+            kind = "zero_at_init"
         else:
             kind = "ok"
         if math.isnan(g) or g <= 0:
@@ -114,9 +119,45 @@ def plot_gradient_flow(
             Patch(color=_COLORS["vanishing"], label="vanishing"),
             Patch(color=_COLORS["exploding"], label="exploding"),
             Patch(color=_COLORS["frozen"], label="frozen"),
+            Patch(color=_COLORS["zero_at_init"], label="0 by design (LoRA A while B = 0)"),
         ],
         fontsize=8,
     )
+    return ax
+
+
+def plot_gradient_flow_over_steps(
+    flows: Sequence[pd.DataFrame] | pd.DataFrame,
+    ax: Axes | None = None,
+    layers: Sequence[str] | None = None,
+    log: bool = True,
+) -> Axes:
+    """Per-layer gradient L2 norm vs training step, one line per (trainable) layer.
+
+    ``flows`` is one :func:`mmlib.gradient_flow.gradient_flow` table per step, or their
+    :func:`~mmlib.gradient_flow.gradient_flow_history`; ``layers`` picks columns. Zero norms
+    (e.g. LoRA's A at step 1) are left out on a log axis rather than drawn at a fake height.
+    """
+    history = flows if isinstance(flows, pd.DataFrame) else gradient_flow_history(flows)
+    if layers is not None:
+        missing = [name for name in layers if name not in history.columns]
+        if missing:
+            raise ValueError(f"layers {missing} not in the history; available: {list(history.columns)}")
+        history = history[list(layers)]
+    ax = _axes(ax, (7.0, 4.0))
+    for name in history.columns:
+        values = history[name].astype(float)
+        if log:
+            values = values.where(values > 0)
+        ax.plot(history.index, values, marker="o", markersize=3, linewidth=1.2, label=str(name))
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title("Gradient flow over training steps")
+    ax.set_xticks(list(history.index))
+    if len(history.columns) <= 12:
+        ax.legend(fontsize=7)
     return ax
 
 

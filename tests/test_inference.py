@@ -11,8 +11,16 @@ import torch
 from PIL import Image
 
 from mmlib import EncoderConfig, MultimodalEncoder
-from mmlib.encoder import _ascii_length_bounds_tokens, _batches, _image_cost, _InputPlan
-from mmlib.inference import encode_to_disk, iter_embeddings, load_embeddings, read_index
+from mmlib.inference import (
+    _ascii_length_bounds_tokens,
+    _batches,
+    _image_cost,
+    _InputPlan,
+    encode_to_disk,
+    iter_embeddings,
+    load_embeddings,
+    read_index,
+)
 from mmlib.processing import build_inputs
 
 WORDS = "a the red green blue circle square cat dog photo on left of small large sky".split()

@@ -13,6 +13,7 @@ from mmlib.losses import (
     LearnableTemperature,
     MultiLevelContrastiveLoss,
     matryoshka_in_batch_negative_loss,
+    naive_matryoshka_loss,
     resolve_dims,
     resolve_dims_and_weights,
 )
@@ -29,21 +30,37 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-# ---------------------------------------------------------------- independent references
+# ---------------------------------------------------------------- references
 def naive_dim_loss(q, t, d, tau, symmetric):
-    """Loss at one dim, straight from the definition (normalise prefix, matmul, CE)."""
-    B = q.shape[0]
-    labels = torch.arange(B)
-    sim = F.normalize(q[:, :d], dim=1) @ F.normalize(t[:, :d], dim=1).T / tau
-    loss = F.cross_entropy(sim, labels)
-    if symmetric:
-        loss = (loss + F.cross_entropy(sim[:, :B].T, labels)) / 2
-    return loss
+    """Loss at one dim from the package's readable reference (itself checked by hand below)."""
+    return naive_matryoshka_loss(q, t, dims=(d,), temperature=tau, symmetric=symmetric)
 
 
 def naive_mrl(q, t, dim_weights, tau=0.07, symmetric=True):
     """sum_d w_d L_d over explicit (dim, weight) pairs, one matmul per dim."""
-    return sum(w * naive_dim_loss(q, t, d, tau, symmetric) for d, w in dim_weights)
+    dims, weights = zip(*dim_weights, strict=True)
+    return naive_matryoshka_loss(q, t, dims, list(weights), temperature=tau, symmetric=symmetric)
+
+
+def python_dim_loss(q, t, d, tau, symmetric):
+    """L_d in plain Python floats (math only): an independent check of the torch reference."""
+    B = len(q)
+
+    def unit(row):
+        norm = math.sqrt(sum(x * x for x in row[:d]))
+        return [x / max(norm, 1e-12) for x in row[:d]]
+
+    qs, ts = [unit(r) for r in q], [unit(r) for r in t]
+    sim = [[sum(a * b for a, b in zip(qi, tj, strict=True)) / tau for tj in ts] for qi in qs]
+
+    def ce(rows):  # mean over rows of -log softmax(row)[i]
+        return sum(math.log(sum(math.exp(x) for x in row)) - row[i]
+                   for i, row in enumerate(rows)) / len(rows)
+
+    loss = ce(sim)
+    if symmetric:
+        loss = (loss + ce([[sim[i][j] for i in range(B)] for j in range(B)])) / 2
+    return loss
 
 
 def make(B, N, E, seed=0, dtype=torch.float32):
@@ -71,6 +88,33 @@ DIM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("extra", [0, 3])
+def test_naive_reference_matches_a_hand_computation(symmetric, extra):
+    """The readable reference against the definition in plain Python floats."""
+    q, t = make(4, 4 + extra, 6, seed=20 + extra)
+    q, t = q.detach(), t.detach()
+    tau, dims, weights = 0.1, (2, 6), (0.5, 2.0)
+    loss, details = naive_matryoshka_loss(
+        q, t, dims=dims, weights=weights, temperature=tau, symmetric=symmetric, return_details=True
+    )
+    for d in dims:
+        want = python_dim_loss(q.tolist(), t.tolist(), d, tau, symmetric)
+        assert abs(float(details[d]) - want) < 1e-5 * max(1.0, want)
+    assert abs(float(loss) - sum(w * float(details[d]) for d, w in zip(dims, weights, strict=True))) < 1e-5
+
+
+def test_naive_reference_validates_like_the_fused_loss():
+    q, t = torch.randn(4, 8), torch.randn(4, 8)
+    for fn in (naive_matryoshka_loss, matryoshka_in_batch_negative_loss):
+        with pytest.raises(ValueError, match="dim"):
+            fn(q, t, dims=(16,))
+        with pytest.raises(ValueError, match="weights"):
+            fn(q, t, dims=(4, 8), weights=(1.0,))
+        with pytest.raises(ValueError):
+            fn(q, t[:2])
+
+
 @pytest.mark.parametrize("B,extra", [(1, 0), (1, 4), (3, 0), (3, 5), (17, 0), (17, 9)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("case", range(len(DIM_CASES)))
@@ -80,13 +124,17 @@ def test_matches_naive_loss_and_gradients(B, extra, symmetric, case):
     loss, details = matryoshka_in_batch_negative_loss(
         q, t, dims=dims, weights=weights, symmetric=symmetric, return_details=True
     )
-    ref = naive_mrl(q, t, resolved, symmetric=symmetric)
+    ref, ref_details = naive_matryoshka_loss(
+        q, t, dims=dims, weights=weights, symmetric=symmetric, return_details=True
+    )
+    torch.testing.assert_close(ref, naive_mrl(q, t, resolved, symmetric=symmetric))
+    assert list(ref_details) == [d for d, _ in resolved]
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
     assert list(details) == [d for d, _ in resolved]
     for d, _ in resolved:
         torch.testing.assert_close(
-            details[d], naive_dim_loss(q, t, d, 0.07, symmetric).detach(), rtol=RTOL, atol=ATOL
+            details[d], ref_details[d], rtol=RTOL, atol=ATOL
         )
     for got, want in zip(grads(loss, q, t), grads(ref, q, t), strict=True):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)

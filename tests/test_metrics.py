@@ -9,22 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from mmlib.metrics import (
     bootstrap_ci,
     bootstrap_indices,
     cosine_similarity_matrix,
     evaluate_matryoshka,
-    gradient_flow,
-    layer_name,
     mrr,
     ndcg_at_k,
     per_query_metrics,
     recall_at_k,
     retrieval_cost_table,
     retrieval_metrics,
-    summarize_gradient_flow,
     topk_accuracy,
 )
 
@@ -303,84 +299,6 @@ def test_evaluate_matryoshka_reverse_direction_with_labels_and_extra_negatives()
     assert exp == pytest.approx(reference(sim, [set(r) for r in rel], [1, 2]))
 
 
-# --------------------------------------------------------------------------- gradient flow
-
-
-def _model_with_hand_grads() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
-    for p in model[0].parameters():
-        p.requires_grad_(False)
-    model[2].weight.grad = torch.zeros(4, 4)  # trainable, zero gradient
-    model[2].bias.grad = None  # trainable, never reached by backward
-    model[3].weight.grad = torch.full((2, 4), 1e4)  # huge
-    model[3].bias.grad = torch.tensor([0.3, -0.4])
-    return model
-
-
-def test_gradient_flow_flags():
-    model = _model_with_hand_grads()
-    df = gradient_flow(model)
-    assert list(df["name"]) == [
-        "0.weight",
-        "0.bias",
-        "2.weight",
-        "2.bias",
-        "3.weight",
-        "3.bias",
-    ]
-    assert list(df["layer"]) == ["0", "0", "2", "2", "3", "3"]
-    assert list(df["numel"]) == [16, 4, 16, 4, 8, 2]
-    assert list(df["frozen"]) == [True, True, False, False, False, False]
-    assert list(df["vanishing"]) == [False, False, True, True, False, False]
-    assert list(df["exploding"]) == [False, False, False, False, True, False]
-    assert df["grad_norm"].iloc[:2].isna().all()
-    assert list(df["grad_norm"].iloc[2:4]) == [0.0, 0.0]
-    w3 = df.set_index("name").loc["3.weight"]
-    assert w3["grad_norm"] == pytest.approx(1e4 * math.sqrt(8))
-    assert w3["grad_max_abs"] == pytest.approx(1e4) and w3["grad_mean_abs"] == pytest.approx(1e4)
-    assert w3["grad_to_weight"] == pytest.approx(1e4 * math.sqrt(8) / model[3].weight.norm().item())
-    b3 = df.set_index("name").loc["3.bias"]
-    assert b3["grad_norm"] == pytest.approx(0.5)
-    assert b3["grad_max_abs"] == pytest.approx(0.4) and b3["grad_mean_abs"] == pytest.approx(0.35)
-
-    summary = summarize_gradient_flow(df)
-    assert list(summary.index) == ["0", "2", "3"]
-    assert list(summary["frozen"]) == [True, False, False]
-    assert list(summary["vanishing"]) == [False, True, False]
-    assert list(summary["exploding"]) == [False, False, True]
-    assert math.isnan(summary.loc["0", "grad_norm"])
-    assert summary.loc["3", "grad_norm"] == pytest.approx(math.sqrt(8e8 + 0.25))
-
-
-def test_gradient_flow_nonfinite_and_thresholds():
-    model = nn.Sequential(nn.Linear(2, 2))
-    model[0].weight.grad = torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])
-    model[0].bias.grad = torch.tensor([1e-3, 0.0])
-    df = gradient_flow(model, vanishing=1e-2, exploding=10.0)
-    assert list(df["exploding"]) == [True, False]
-    assert list(df["vanishing"]) == [False, True]
-
-
-def test_gradient_flow_after_real_backward():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    model(torch.randn(5, 8)).pow(2).mean().backward()
-    df = gradient_flow(model)
-    assert not df["vanishing"].any() and not df["exploding"].any()
-    assert (df["grad_norm"] > 0).all() and (df["weight_norm"] > 0).all()
-
-
-def test_layer_name_grouping():
-    name = "backbone.model.language_model.layers.3.mlp.up_proj.weight"
-    assert layer_name(name) == "backbone.model.language_model.layers.3"
-    assert layer_name("backbone.model.visual.patch_embed.proj.weight") == (
-        "backbone.model.visual.patch_embed"
-    )
-    assert layer_name("projection.0.weight") == "projection.0"
-    assert layer_name("logit_scale") == "logit_scale"
-
-
 # --------------------------------------------------------------------------- cost table
 
 
@@ -504,3 +422,14 @@ def test_bootstrap_ci_equals_naive_loop_and_validates():
         bootstrap_ci(values, indices=idx[:, :10])
     with pytest.raises(ValueError, match="n_boot must be"):
         bootstrap_ci(values, n_boot=0)
+
+
+def test_numpy_ints_are_ints_and_bools_are_not():
+    """Sizes read from arrays (np.int64) are accepted like ints; True is never a size."""
+    q, t = embed_scores([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0], [2.0, 1.0, 3.0]])
+    want = topk_accuracy(q, t, ks=1, dim=2, chunk_size=2)
+    assert topk_accuracy(q, t, ks=1, dim=np.int64(2), chunk_size=np.int64(2)) == want
+    with pytest.raises(ValueError, match="dim"):
+        topk_accuracy(q, t, ks=1, dim=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        topk_accuracy(q, t, ks=1, chunk_size=True)

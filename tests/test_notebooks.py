@@ -1,4 +1,4 @@
-"""Notebook conventions (static, fast) and mmlib.run_notebooks.
+"""Notebook conventions (static, fast) and mmlib.tools.run_notebooks.
 
 The notebooks themselves are re-executed and compared by nbval:
 
@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-from mmlib.run_notebooks import extract_figures, run_notebook
+from mmlib.tools.run_notebooks import extract_figures, run_notebook
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb"))
 EXPECTED = ["01_load_model", "02_forward_pass", "03_mrl_loss", "04_gradient_flow",

@@ -14,11 +14,13 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mmlib.metrics import evaluate_matryoshka, gradient_flow, retrieval_cost_table  # noqa: E402
+from mmlib.gradient_flow import gradient_flow  # noqa: E402
+from mmlib.metrics import evaluate_matryoshka, retrieval_cost_table  # noqa: E402
 from mmlib.plots import (  # noqa: E402
     plot_accuracy_vs_dim,
     plot_cost_vs_accuracy,
     plot_gradient_flow,
+    plot_gradient_flow_over_steps,
     plot_per_dim_loss,
     plot_similarity_heatmap,
 )
@@ -58,11 +60,53 @@ def test_plot_gradient_flow_bars_and_colours(log):
 
 
 def test_plot_gradient_flow_on_given_axes_accepts_summary():
-    from mmlib.metrics import summarize_gradient_flow
+    from mmlib.gradient_flow import summarize_gradient_flow
 
     fig, ax = plt.subplots()
     out = plot_gradient_flow(summarize_gradient_flow(_grad_df()), ax=ax)
     assert out is ax and len(ax.patches) == 3
+
+
+def _lora_like(b_value: float) -> nn.Module:
+    """A layer with peft-style LoRA parameter names: base (frozen), lora_A, lora_B."""
+    layer = nn.Module()
+    layer.base = nn.Linear(3, 3)
+    layer.base.requires_grad_(False)
+    layer.lora_A = nn.ModuleDict({"default": nn.Linear(3, 2, bias=False)})
+    layer.lora_B = nn.ModuleDict({"default": nn.Linear(2, 3, bias=False)})
+    nn.init.constant_(layer.lora_B["default"].weight, b_value)
+    layer.lora_A["default"].weight.grad = torch.zeros(2, 3)  # exactly 0, as while B = 0
+    layer.lora_B["default"].weight.grad = torch.ones(3, 2)
+    return nn.ModuleDict({"layers": nn.ModuleList([layer])})
+
+
+def test_plot_gradient_flow_shows_lora_a_and_b_apart_with_the_zero_labelled():
+    ax = plot_gradient_flow(gradient_flow(_lora_like(0.0)), vanishing=1e-7)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["layers.0", "layers.0.lora_A", "layers.0.lora_B"]
+    colours = [b.get_facecolor() for b in ax.patches]
+    assert colours == [to_rgba("0.8"), to_rgba("tab:green"), to_rgba("tab:blue")]
+    assert "0 by design" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    # the same zero with B != 0 is a real vanishing gradient
+    ax2 = plot_gradient_flow(gradient_flow(_lora_like(0.5)), vanishing=1e-7)
+    assert ax2.patches[1].get_facecolor() == to_rgba("tab:orange")
+
+
+def test_plot_gradient_flow_over_steps_one_line_per_trainable_layer():
+    flows = []
+    model = _lora_like(0.0)
+    for step in range(3):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.full_like(p, float(step))
+        flows.append(gradient_flow(model))
+    ax = plot_gradient_flow_over_steps(flows)
+    assert [line.get_label() for line in ax.lines] == ["layers.0.lora_A", "layers.0.lora_B"]
+    # step 1's zero norms are left out of the log axis (NaN), steps 2-3 drawn
+    y = ax.lines[1].get_ydata()
+    assert pd.isna(y[0]) and list(y[1:]) == pytest.approx([1.0 * 6**0.5, 2.0 * 6**0.5])
+    with pytest.raises(ValueError, match="not in the history"):
+        plot_gradient_flow_over_steps(flows, layers=["nope"])
 
 
 def _results():

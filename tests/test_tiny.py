@@ -56,3 +56,15 @@ def test_released_checkpoint_layout_loads_into_the_encoder(tmp_path, tiny_path):
     got = dict(enc.qwen.named_parameters())
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_python_m_mmlib_tiny_prints_no_runtime_warning():
+    """`python -m mmlib.tiny` must not find mmlib.tiny already imported by the package."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mmlib.tiny", "--help"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeWarning" not in out.stderr, out.stderr

@@ -9,6 +9,7 @@ from .matryoshka import (
     resolve_dims_and_weights,
 )
 from .multilevel import MultiLevelContrastiveLoss
+from .naive import naive_matryoshka_loss
 from .temperature import LearnableTemperature
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MultiLevelContrastiveLoss",
     "default_dims",
     "matryoshka_in_batch_negative_loss",
+    "naive_matryoshka_loss",
     "resolve_dims",
     "resolve_dims_and_weights",
 ]

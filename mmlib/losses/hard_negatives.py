@@ -73,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlib.validation import is_int
+
 from .matryoshka import (
     DEFAULT_DIMS,
     check_embeddings,
@@ -198,7 +200,7 @@ class ContrastiveLossWithHardNegatives(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(mine_hardest, bool) or not isinstance(mine_hardest, numbers.Integral):
+        if not is_int(mine_hardest):
             raise TypeError(f"mine_hardest must be an int >= 0, got {mine_hardest!r}.")
         if mine_hardest < 0:
             raise ValueError(f"mine_hardest must be >= 0 (0 = off), got {mine_hardest}.")

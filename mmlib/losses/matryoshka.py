@@ -16,6 +16,11 @@ For each dim ``d`` in ``dims`` (``None`` = the full width ``E``), with ``query``
 
     \mathcal{L} = \sum_d w_d L_d
 
+This is the fast equivalent of :func:`~mmlib.losses.naive_matryoshka_loss` (``losses/naive.py``:
+the same definition written as one matmul and two cross-entropies per dim): same arguments, same
+values and gradients (``tests/test_losses.py`` checks them equal). Read that one to learn the
+loss; use this one to train.
+
 Papers: Kusupati et al. 2022, "Matryoshka Representation Learning",
 https://arxiv.org/abs/2205.13147 ; van den Oord et al. 2018 (InfoNCE),
 https://arxiv.org/abs/1807.03748 .
@@ -459,6 +464,8 @@ def matryoshka_in_batch_negative_loss(
     check_finite: bool = True,
 ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
     """Matryoshka in-batch-negative InfoNCE loss ``sum_d w_d L_d`` (float32); see module docstring.
+
+    The fast equivalent of :func:`~mmlib.losses.naive_matryoshka_loss` (equal values and gradients).
 
     Args:
         query: (B, E) embeddings (any float dtype; computed in float32, autocast disabled).

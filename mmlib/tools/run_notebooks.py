@@ -1,7 +1,7 @@
 """Execute the notebooks headless and collect their figures (used by `make demo`).
 
-    python -m mmlib.run_notebooks                       # every notebooks/*.ipynb, in order
-    python -m mmlib.run_notebooks notebooks/03_mrl_loss.ipynb --out outputs
+    python -m mmlib.tools.run_notebooks                       # every notebooks/*.ipynb, in order
+    python -m mmlib.tools.run_notebooks notebooks/03_mrl_loss.ipynb --out outputs
 
 Each notebook runs top to bottom in a fresh `python3` kernel with its own folder as the working
 directory (as in Jupyter), through nbclient. The executed copy goes to
