@@ -411,17 +411,8 @@ def retrieval_metrics(
     ties: str = "pessimistic",
 ) -> dict[str, float]:
     """All metrics in one ranking pass: ``top{k}`` (hit rate), ``recall@k``, ``ndcg@k``, ``mrr``."""
-    ks = _check_ks(ks)
-    pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"top{k}"] = _hit(pos, min(k, n_t))
-    for k in ks:
-        out[f"recall@{k}"] = _recall(pos, n_rel, min(k, n_t))
-    for k in ks:
-        out[f"ndcg@{k}"] = _ndcg(pos, n_rel, min(k, n_t))
-    out["mrr"] = _mrr(pos, None)
-    return out
+    cols = _per_query(query, target, ks, relevant, dim, chunk_size, ties)
+    return {name: v.mean().item() for name, v in cols.items()}
 
 
 def evaluate_matryoshka(
@@ -490,6 +481,12 @@ def per_query_metrics(
 
     Column means equal :func:`retrieval_metrics`; the rows are what a bootstrap resamples.
     """
+    cols = _per_query(query, target, ks, relevant, dim, chunk_size, ties)
+    return pd.DataFrame({name: v.cpu().numpy() for name, v in cols.items()})
+
+
+def _per_query(query, target, ks, relevant, dim, chunk_size, ties) -> dict[str, Tensor]:
+    """Each metric's per-query values, from one ranking pass."""
     ks = _check_ks(ks)
     pos, n_rel, n_t = _positions(query, target, relevant, max(ks), dim, chunk_size, ties)
     cols: dict[str, Tensor] = {}
@@ -500,7 +497,7 @@ def per_query_metrics(
     for k in ks:
         cols[f"ndcg@{k}"] = _ndcg_q(pos, n_rel, min(k, n_t))
     cols["mrr"] = _rr_q(pos, None)
-    return pd.DataFrame({name: v.cpu().numpy() for name, v in cols.items()})
+    return cols
 
 
 def _check_count(name: str, value: int) -> int:

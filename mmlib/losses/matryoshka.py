@@ -1,21 +1,6 @@
 r"""Matryoshka in-batch-negative (InfoNCE) loss: every Matryoshka dim for the cost of one.
 
-For each dim ``d`` in ``dims`` (``None`` = the full width ``E``), with ``query`` (B, E) and
-``target`` (N, E), N >= B, where target row ``i`` is the positive of query ``i`` and rows
-``B..N-1`` are extra negatives shared by every query:
-
-.. math::
-
-    q = \frac{Q_{:, :d}}{\lVert Q_{:, :d} \rVert},\quad
-    t = \frac{T_{:, :d}}{\lVert T_{:, :d} \rVert},\quad
-    S^{(d)} = \frac{q t^\top}{\tau}
-
-    L_d = \tfrac12\Big[\mathrm{CE}\big(S^{(d)}, \mathrm{arange}(B)\big)
-          + \mathrm{CE}\big(S^{(d)}_{:, :B}{}^\top, \mathrm{arange}(B)\big)\Big]
-    \quad(\text{symmetric; one-way: only the first term, without the } \tfrac12)
-
-    \mathcal{L} = \sum_d w_d L_d
-
+The loss (its formula, inputs and semantics) is defined in ``losses/naive.py``.
 This is the fast equivalent of :func:`~mmlib.losses.naive_matryoshka_loss` (``losses/naive.py``:
 the same definition written as one matmul and two cross-entropies per dim): same arguments, same
 values and gradients (``tests/test_losses.py`` checks them equal). Read that one to learn the
