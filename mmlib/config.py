@@ -41,6 +41,7 @@ _CHOICES = {
     "freeze_backbone": ("none", "vision", "all"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "pooling": ("mean", "mean_content", "last"),  # mmlib.head.POOLINGS
 }
 
 
@@ -71,6 +72,7 @@ class EncoderConfig:
     batch_size: int = 32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "mean"  # "mean" | "mean_content" | "last" (mmlib.head)
 
     def __post_init__(self) -> None:
         # Booleans are accepted for freezing ("freeze_backbone=True"); every other field is
