@@ -117,6 +117,18 @@ def token_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return {"template": mask & ~content, "image": image, "text": content & ~image}
 
 
+def mean_contributions(hidden: torch.Tensor, attention_mask: torch.Tensor,
+                       groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each token group's (B, H) term of the `mean` pooling: sum of its tokens' states / n_real.
+
+    Over a partition of the real tokens (`token_groups`) the terms add up to `masked_mean_pool`.
+    """
+    mask = _real_tokens(hidden, attention_mask)
+    n = mask.sum(1, keepdim=True).float()
+    return {name: hidden.float().masked_fill(~(g.to(mask.device) & mask).unsqueeze(-1), 0.0).sum(1) / n
+            for name, g in groups.items()}
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
          input_ids: torch.Tensor | None = None, prompt: PromptTokens | None = None) -> torch.Tensor:
     """(B, T, H) hidden states → (B, H) float32 by `pooling` (see the module docstring)."""

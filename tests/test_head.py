@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmlib import EncoderConfig, MultimodalEncoder
-from mmlib.head import PromptTokens, pool, token_groups
+from mmlib.head import PromptTokens, mean_contributions, pool, token_groups
 
 SHORT = "a red circle"
 LONG = "a very long caption about many small blue squares and green triangles on the left"
@@ -180,3 +180,42 @@ def test_mean_content_errors_name_the_row(tiny_encoder):
         pool(hidden, raw["attention_mask"], "mean_content")
     with pytest.raises(ValueError, match="all padding"):
         pool(hidden, torch.zeros_like(raw["attention_mask"]), "last")
+
+
+def test_mean_contributions_add_up_to_the_mean(tiny_encoder):
+    batch = tiny_encoder.tokenize([SHORT, LONG], [noise_image(0), None])
+    mask = batch["attention_mask"]
+    hidden = torch.randn(*mask.shape, 8, generator=torch.Generator().manual_seed(1))
+    groups = token_groups(batch["input_ids"], mask, tiny_encoder.prompt_tokens)
+    parts = mean_contributions(hidden, mask, groups)
+    torch.testing.assert_close(sum(parts.values()), pool(hidden, mask, "mean"))
+    # by hand: row 1 (text only) has no image term; its text term is a sum over its text tokens
+    assert torch.equal(parts["image"][1], torch.zeros(8))
+    n = int(mask[1].sum())
+    torch.testing.assert_close(parts["text"][1], hidden[1][groups["text"][1]].sum(0) / n)
+
+
+# -- the figures of the pooling lesson (mmlib.plots) -----------------------------------------
+def test_plot_mrope_positions_and_pooling_shares():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from mmlib.plots import plot_mrope_positions, plot_pooling_shares
+
+    pos = torch.tensor([[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]])
+    image = torch.tensor([0, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    ax = plot_mrope_positions(pos, image)
+    assert [line.get_label() for line in ax.get_lines()] == ["t", "h", "w"]
+    assert ax.get_lines()[1].get_ydata().tolist() == [0, 1, 2, 2, 3, 3, 4]
+    assert len(ax.patches) == 1  # the shaded image span
+    with pytest.raises(ValueError, match=r"\(3, T\)"):
+        plot_mrope_positions(pos[:2])
+    shares = pd.DataFrame({"template": [0.7, 0.1], "text": [0.3, 0.9]}, index=["short", "long"])
+    ax = plot_pooling_shares(shares)
+    widths = [p.get_width() for p in ax.patches]
+    assert widths == pytest.approx([0.7, 0.1, 0.3, 0.9])
+    assert [p.get_x() for p in ax.patches][2:] == pytest.approx([0.7, 0.1])  # stacked
+    plt.close("all")
