@@ -361,7 +361,7 @@ def plot_pooling_shares(shares: pd.DataFrame, ax: Axes | None = None) -> Axes:
     ax.set_yticklabels([str(i) for i in shares.index])
     ax.invert_yaxis()
     ax.set_xlabel("share of the pooled vector")
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
