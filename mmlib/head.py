@@ -65,7 +65,7 @@ def _check_rows(name: str, bad: torch.Tensor, problem: str) -> None:
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """Token ids of mmlib's prompt template (`format_prompt`): the header `<|im_start|>user\n`,
+    """Token ids of mmlib's prompt template (`format_prompt`): the header `<|im_start|>user\\n`,
     the closing `<|im_end|>`, the image's `<|vision_start|>`/`<|vision_end|>` markers and
     its `<|image_pad|>` tokens."""
 

@@ -52,8 +52,8 @@ def naive_pool(hidden_row, ids_row, mask_row, types_row, text, pooling, tokenize
 @pytest.mark.parametrize("padding_side", ["right", "left"], indirect=True)
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_pool_equals_naive_per_row(tiny_encoder, padding_side, pooling):
-    texts = [SHORT, None, LONG, " leading space"]
-    images = [None, noise_image(0), noise_image(1, 84, 56), None]
+    texts = [SHORT, None, LONG, " leading space", "\nleading newline"]
+    images = [None, noise_image(0), noise_image(1, 84, 56), None, None]
     batch = tiny_encoder.tokenize(texts, images)
     mask = batch["attention_mask"]
     assert (mask == 0).any()  # the batch is padded
