@@ -41,6 +41,7 @@ _CHOICES = {
     "freeze_backbone": ("none", "vision", "all"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "pooling": ("mean", "mean_content", "last"),  # mmlib.head.POOLINGS
 }
 
 
@@ -75,6 +76,7 @@ class EncoderConfig:
     # {"query": "Find an image that matches: ", "document": ""}; training gives the query side
     # "query" and the target side "document" when they are set.
     prompts: dict[str, str] = field(default_factory=dict)
+    pooling: str = "mean"  # "mean" | "mean_content" | "last" (mmlib.head)
 
     def __post_init__(self) -> None:
         # Booleans are accepted for freezing ("freeze_backbone=True"); every other field is

@@ -1,4 +1,4 @@
-"""`MultimodalEncoder`: Qwen2.5-VL → masked mean pooling → projection → L2-normalised embedding.
+"""`MultimodalEncoder`: Qwen2.5-VL → pooling (`config.pooling`) → projection → L2-normalised embedding.
 
     enc = MultimodalEncoder(EncoderConfig())            # the tiny offline model
     e = enc.encode_texts(["a red circle"], dim=256)     # (1, 256), unit norm
@@ -32,7 +32,7 @@ from mmlib.backbone import (
     unwrap,
 )
 from mmlib.config import SAVED_PARTS_KEY, EncoderConfig
-from mmlib.head import ProjectionHead, masked_mean_pool, truncate_and_normalize
+from mmlib.head import ProjectionHead, PromptTokens, pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
 from mmlib.inference import encode_batched
 from mmlib.processing import ImageLike, apply_prompt, build_inputs, count_inputs
@@ -181,7 +181,7 @@ class MultimodalEncoder(nn.Module):
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                      image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)
         out, mask = self._hidden_states(batch)
-        return self._embed(out.last_hidden_state, mask, dim)
+        return self._embed(out.last_hidden_state, mask, dim, input_ids)
 
     def forward_layers(self, batch: dict[str, Any], layers: Sequence[int],
                        dim: int | None = None) -> dict[int, torch.Tensor]:
@@ -202,15 +202,25 @@ class MultimodalEncoder(nn.Module):
         result = {}
         for layer, idx in resolved.items():
             hidden = out.last_hidden_state if idx == n_layers else norm(out.hidden_states[idx])
-            result[layer] = self._embed(hidden, mask, dim)
+            result[layer] = self._embed(hidden, mask, dim, batch["input_ids"])
         return result
 
-    def _embed(self, hidden: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor:
-        pooled = masked_mean_pool(hidden, mask).to(self.device)
+    def _embed(self, hidden: torch.Tensor, mask: torch.Tensor, dim: int | None,
+               input_ids: torch.Tensor) -> torch.Tensor:
+        pooling = self.config.pooling
+        prompt = self.prompt_tokens if pooling == "mean_content" else None
+        pooled = pool(hidden, mask, pooling, input_ids, prompt).to(self.device)
         # The head runs in fp32 outside autocast: it is tiny and its LayerNorm/L2 norm are
         # where low precision hurts most.
         with torch.autocast(device_type=self.device.type, enabled=False):
             return truncate_and_normalize(self.projection(pooled), dim)
+
+    @property
+    def prompt_tokens(self) -> PromptTokens:
+        """Token ids of the prompt template (what `mean_content` pooling leaves out)."""
+        if getattr(self, "_prompt_tokens", None) is None:
+            self._prompt_tokens = PromptTokens.from_tokenizer(self.processor.tokenizer)
+        return self._prompt_tokens
 
     # -- inference -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str | None] | None = None,

@@ -27,6 +27,8 @@ __all__ = [
     "plot_cost_vs_accuracy",
     "plot_training_curves",
     "plot_accuracy_vs_bytes",
+    "plot_mrope_positions",
+    "plot_pooling_shares",
 ]
 
 _COLORS = {"ok": "tab:blue", "vanishing": "tab:orange", "exploding": "tab:red", "frozen": "0.8",
@@ -386,6 +388,57 @@ def plot_accuracy_vs_bytes(df: pd.DataFrame, metric: str = "q2t_top1", ax: Axes 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs storage")
     ax.legend(title="precision")
+
+
+def plot_mrope_positions(
+    position_ids: np.ndarray | object,
+    image: np.ndarray | object | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """M-RoPE (t, h, w) position of every token of one input against its index in the prompt.
+
+    ``position_ids`` is (3, T) (one row of ``get_rope_index``'s (3, B, T) output); ``image``,
+    a (T,) boolean mask of the image tokens, is shaded.
+    """
+    pos = _to_numpy(position_ids)
+    if pos.ndim != 2 or pos.shape[0] != 3:
+        raise ValueError(f"position_ids must be (3, T) for (t, h, w), got shape {pos.shape}")
+    ax = _axes(ax, (9.0, 3.5))
+    x = np.arange(pos.shape[1])
+    for row, (name, style) in enumerate([("t", "-"), ("h", "--"), ("w", ":")]):
+        ax.plot(x, pos[row], style, marker=".", markersize=3, label=name)
+    if image is not None:
+        mask = _to_numpy(image).astype(bool)
+        if mask.shape != x.shape:
+            raise ValueError(f"image must be a (T,) mask with T = {len(x)}, got shape {mask.shape}")
+        if mask.any():
+            idx = np.flatnonzero(mask)
+            ax.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color="0.9", zorder=0, label="image tokens")
+    ax.set_xlabel("token index in the prompt")
+    ax.set_ylabel("rotary position")
+    ax.set_title("M-RoPE positions (t, h, w)")
+    ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
+def plot_pooling_shares(shares: pd.DataFrame, ax: Axes | None = None) -> Axes:
+    """Stacked horizontal bar per input (rows) of each token group's share (columns, e.g.
+    template / image / text) of the pooled vector."""
+    if shares.empty:
+        raise ValueError("shares is empty; pass one row per input and one column per token group")
+    ax = _axes(ax, (7.0, 0.6 + 0.6 * len(shares)))
+    left = np.zeros(len(shares))
+    y = np.arange(len(shares))
+    for col in shares.columns:
+        values = shares[col].to_numpy(dtype=float)
+        ax.barh(y, values, left=left, label=str(col))
+        left = left + values
+    ax.set_yticks(y)
+    ax.set_yticklabels([str(i) for i in shares.index])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the pooled vector")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
