@@ -261,7 +261,7 @@ class FunnelIndex:
             qb = q[lo:lo + batch_size]
             cand = self._first_stage(qb, widest)
             for j in range(0, len(qb), sub):
-                part = slice(lo + j, lo + j + sub)
+                part = slice(lo + j, lo + min(j + sub, len(qb)))
                 scores[part], ids[part] = self._rerank(qb[j:j + sub], cand[j:j + sub], keeps)
         if torch_in:
             import torch

@@ -195,3 +195,13 @@ def test_bad_queries(data):
         index.search(zero)
     with pytest.raises(ValueError, match="k must be a positive int"):
         index.search(queries, k=0)
+
+
+def test_query_batches_do_not_change_results(data):
+    corpus, queries = data
+    index = FunnelIndex(corpus, dims=(8, None), shortlists=(50,))
+    ref_scores, ref_ids = naive_funnel(corpus, queries, (8, 32), (50,), 5)
+    for batch_size in (1, 7, 16, 40, 1000):  # uneven last batches included
+        scores, ids = index.search(queries, k=5, batch_size=batch_size)
+        np.testing.assert_array_equal(ids, ref_ids, err_msg=f"batch_size={batch_size}")
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)
