@@ -48,8 +48,10 @@ class _Rows:
         self.width = chunks[0][1].shape[1] if chunks else 0
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
-        """float64 rows for sorted unique ids (reads only those rows)."""
-        out = np.empty((len(ids), self.width), dtype=np.float64)
+        """float32 rows for ids (any order; sorted ids read the map sequentially)."""
+        if len(self.chunks) == 1:
+            return np.asarray(self.chunks[0][1][ids], dtype=np.float32)
+        out = np.empty((len(ids), self.width), dtype=np.float32)
         where = np.searchsorted(self.starts, ids, side="right") - 1
         for c in np.unique(where):
             start, array = self.chunks[c]
@@ -282,32 +284,46 @@ class FunnelIndex:
         return found.astype(np.int64)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, keeps: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Exact stages on the candidates: (b, k) float32 cosines at dims[-1] and ids."""
-        # Gather each distinct candidate row once (sorted ids: sequential reads of the map).
-        valid = cand >= 0
-        unique, inverse = np.unique(cand[valid], return_inverse=True)
-        table = self.rows.gather(unique)
-        self.rows.release()
-        pos = np.zeros(cand.shape, dtype=np.int64)
-        pos[valid] = inverse.reshape(-1)
-        # A single-stage index re-scores its own top k exactly at dims[0].
-        stages = list(zip(self.dims[1:], keeps[1:], strict=True)) or [(self.dims[0], keeps[0])]
+        """Exact stages on the candidates: (b, k) cosines at dims[-1] (float32) and ids."""
         big = np.iinfo(np.int64).max
-        for d, keep in stages:
-            qd = _normalised(q[:, :d].astype(np.float64), "queries")
-            td = _normalised(table[:, :d], "embeddings") if len(table) else table[:, :d]
-            s = np.matmul(td[pos], qd[:, :, None])[..., 0]
-            s[~valid] = -np.inf
-            # Best score first, ties by lower id: sort by id, then a stable sort by score.
-            by_id = np.argsort(np.where(valid, unique[pos] if len(unique) else 0, big), axis=1,
-                               kind="stable")
-            s, pos, valid = (np.take_along_axis(a, by_id, 1) for a in (s, pos, valid))
-            order = np.argsort(-s, axis=1, kind="stable")[:, :keep]
-            s, pos, valid = (np.take_along_axis(a, order, 1) for a in (s, pos, valid))
+        # Each query's candidates in id order (-1 = none found → last): sequential reads of the
+        # map, and a stable sort by score then breaks ties by lower id.
+        ids = np.sort(np.where(cand >= 0, cand, big), axis=1)
+        valid = ids != big
+        rows = self.rows.gather(np.where(valid, ids, 0).reshape(-1)).reshape(*ids.shape, self.width)
+        self.rows.release()
+        # A single-stage index re-scores its own top k at dims[0]; the last stage's top k are
+        # then re-scored in float64 below (float32 here: the shortlist is the bulk of the work).
+        stages = list(zip(self.dims[1:], keeps[1:], strict=True)) or [(self.dims[0], keeps[0])]
+        for n, (d, keep) in enumerate(stages):
+            s = self._cosines(q, rows, ids, valid, d, np.float32)
+            order = np.sort(np.argsort(-s, axis=1, kind="stable")[:, :keep], axis=1)  # back to id order
+            ids, valid = np.take_along_axis(ids, order, 1), np.take_along_axis(valid, order, 1)
+            if n + 1 < len(stages) or keep < rows.shape[1]:
+                rows = np.take_along_axis(rows, order[..., None], 1)
         if not valid.all():
             raise ValueError(f"stage 0 ({self.first_stage}) found fewer than k={keeps[-1]} rows for "
                              "some queries: raise nprobe / ef_search or the first shortlist")
-        return s.astype(np.float32), unique[pos]
+        # Returned scores: float64 cosines rounded to float32; equal scores → lower id first.
+        s = self._cosines(q, rows, ids, valid, stages[-1][0], np.float64).astype(np.float32)
+        order = np.argsort(-s, axis=1, kind="stable")
+        return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+
+    @staticmethod
+    def _cosines(q: np.ndarray, rows: np.ndarray, ids: np.ndarray, valid: np.ndarray, d: int,
+                 dtype: type) -> np.ndarray:
+        """(b, s) cosines of each query with its rows at prefix d (-inf where not valid)."""
+        qd = _normalised(q[:, :d].astype(np.float64), "queries").astype(dtype)
+        rd = rows[..., :d].astype(dtype, copy=False)
+        norms = np.sqrt(np.einsum("bsd,bsd->bs", rd, rd))
+        s = np.einsum("bsd,bd->bs", rd, qd)
+        bad = valid & ~((norms > 0) & np.isfinite(s))
+        if bad.any():
+            row = int(ids[bad][0])
+            raise ValueError(f"embeddings row {row} is all zeros or not finite at width {d}: "
+                             "drop or fix that row")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(valid, s / norms, -np.inf)
 
     # -- cost ----------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
