@@ -359,6 +359,71 @@ class FunnelIndex:
                 f"precision={self.precision!r})")
 
 
+# -- realistic synthetic corpora -----------------------------------------------------------------
+class FittedEmbeddings:
+    """Gaussians fitted to real embeddings, to sample corpora of any size with their spectrum.
+
+    The corpus model is N(mean, cov) of the real corpus rows (full covariance), L2-normalised;
+    queries are normalise(row + alpha * r), r ~ N(mean, cov) of the real query - matched row
+    residuals, with alpha set so that the mean cosine of a query with its row equals the real
+    one (`target_cos`)."""
+
+    def __init__(self, corpus: Any, queries: Any, pairs: Sequence[int]):
+        """`queries[i]` is a real query whose relevant row is `corpus[pairs[i]]`."""
+        rows, q = _as_numpy(corpus, "corpus").astype(np.float64), _as_numpy(queries, "queries").astype(np.float64)
+        pairs = np.asarray(pairs)
+        if pairs.shape != (len(q),) or len(rows) <= rows.shape[1]:
+            raise ValueError(f"need one pair per query ({len(q)}, got {pairs.shape}) and more corpus "
+                             f"rows ({len(rows)}) than dims ({rows.shape[1]}) to fit a covariance")
+        self.mean, self.chol = self._fit(rows)
+        self.r_mean, self.r_chol = self._fit(q - rows[pairs])
+        self.target_cos = float(np.mean(np.sum(_normalised(q, "queries") * _normalised(rows, "corpus")[pairs],
+                                               axis=1)))
+        self.alpha = self._calibrate()
+
+    @staticmethod
+    def _fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cov = np.cov(x, rowvar=False)
+        cov += 1e-6 * np.trace(cov) / len(cov) * np.eye(len(cov))  # positive definite
+        return x.mean(0), np.linalg.cholesky(cov)
+
+    def corpus(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, E) float32 unit rows sampled from the fitted corpus Gaussian."""
+        x = self.mean + rng.standard_normal((n, len(self.mean))) @ self.chol.T
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def queries(self, rng: np.random.Generator, rows: np.ndarray, alpha: float | None = None) -> np.ndarray:
+        """One float32 unit query per row: normalise(row + alpha * residual sample)."""
+        r = self.r_mean + rng.standard_normal(rows.shape) @ self.r_chol.T
+        q = rows + (self.alpha if alpha is None else alpha) * r
+        return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+    def _calibrate(self, n: int = 4000) -> float:
+        """alpha with mean cos(query, its row) = target_cos (bisection; cos falls as alpha grows)."""
+        rows = self.corpus(np.random.default_rng(1), n)
+        lo, hi = 0.0, 8.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            q = self.queries(np.random.default_rng(2), rows, mid)
+            lo, hi = (mid, hi) if np.mean(np.sum(q * rows, axis=1)) > self.target_cos else (lo, mid)
+        return (lo + hi) / 2
+
+
+def variance_spectrum(x: Any, dims: Sequence[int]) -> list[float]:
+    """Share of the total variance of the rows of `x` held by the first d coordinates, per d."""
+    var = np.var(_as_numpy(x, "x").astype(np.float64), axis=0)
+    return [float(var[:d].sum() / var.sum()) for d in dims]
+
+
+def overlap_recall(ids: Any, exact: Any) -> float:
+    """Mean over queries of |ids ∩ exact| / k: recall@k against exact search's top k."""
+    ids, exact = np.asarray(ids), np.asarray(exact)
+    if ids.shape != exact.shape or ids.ndim != 2:
+        raise ValueError(f"ids {ids.shape} and exact {exact.shape} must both be (queries, k)")
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / exact.shape[1]
+                          for a, b in zip(ids, exact, strict=True)]))
+
+
 # -- checks ------------------------------------------------------------------------------------
 def _check_positive(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmlib.inference import encode_to_disk
-from mmlib.retrieval import FunnelIndex
+from mmlib.retrieval import FittedEmbeddings, FunnelIndex, overlap_recall, variance_spectrum
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -205,3 +205,28 @@ def test_query_batches_do_not_change_results(data):
         scores, ids = index.search(queries, k=5, batch_size=batch_size)
         np.testing.assert_array_equal(ids, ref_ids, err_msg=f"batch_size={batch_size}")
         np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)
+
+
+def test_variance_spectrum_and_overlap_recall_by_hand():
+    x = np.array([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [1.0, -2.0, 2.0], [-1.0, 2.0, -2.0]])
+    # per-coordinate variances 1, 4, 2 (of 7)
+    np.testing.assert_allclose(variance_spectrum(x, [1, 2, 3]), [1 / 7, 5 / 7, 1.0])
+    assert overlap_recall([[1, 2, 3], [4, 5, 6]], [[3, 2, 9], [7, 8, 9]]) == pytest.approx((2 / 3 + 0) / 2)
+    with pytest.raises(ValueError, match="must both be"):
+        overlap_recall([[1, 2]], [[1, 2, 3]])
+
+
+def test_fitted_embeddings_match_moments_and_query_cosine():
+    rng = np.random.default_rng(1)
+    scale = np.linspace(2, 0.2, 16)
+    images = unit(rng.standard_normal((800, 16)) * scale + 0.3)
+    pairs = np.repeat(np.arange(800), 2)
+    texts = unit(images[pairs] + 0.3 * rng.standard_normal((1600, 16)) * scale)
+    fit = FittedEmbeddings(images, texts, pairs)
+    samples = fit.corpus(np.random.default_rng(0), 20000)
+    assert samples.dtype == np.float32 and np.allclose(np.linalg.norm(samples, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(variance_spectrum(samples, [2, 4, 8]), variance_spectrum(images, [2, 4, 8]),
+                               atol=0.05)  # Gaussian vs the normalised real rows
+    queries = fit.queries(np.random.default_rng(5), samples[:4000].astype(np.float64))
+    real = np.mean(np.sum(texts * images[pairs], axis=1))
+    assert np.mean(np.sum(queries * samples[:4000], axis=1)) == pytest.approx(real, abs=0.01)
