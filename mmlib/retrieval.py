@@ -35,6 +35,7 @@ FIRST_STAGES = ("flat", "hnsw", "ivf")
 PRECISIONS = ("float32", "int8", "binary")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _BLOCK = 65_536  # rows per block when building stage 0 (bounds the float32 prefix copy)
+_RSS_BUDGET = 256 << 20  # mapped corpus bytes a process may hold resident between releases
 
 
 # -- corpus sources ----------------------------------------------------------------------------
@@ -43,12 +44,14 @@ class _Rows:
 
     def __init__(self, chunks: list[tuple[int, np.ndarray]], maps: list[mmap.mmap]):
         self.chunks, self.maps = chunks, maps
+        self.touched = 0  # bytes read through the maps since the last release
         self.starts = np.array([s for s, _ in chunks], dtype=np.int64)
         self.n = sum(len(a) for _, a in chunks)
         self.width = chunks[0][1].shape[1] if chunks else 0
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows for ids (any order; sorted ids read the map sequentially)."""
+        self.touched += len(ids) * self.width * self.chunks[0][1].itemsize
         if len(self.chunks) == 1:
             return np.asarray(self.chunks[0][1][ids], dtype=np.float32)
         out = np.empty((len(ids), self.width), dtype=np.float32)
@@ -59,10 +62,13 @@ class _Rows:
             out[sel] = array[ids[sel] - start]
         return out
 
-    def release(self) -> None:
-        """Drop mapped pages from this process's RSS (they stay in the OS page cache)."""
-        for m in self.maps:
-            m.madvise(mmap.MADV_DONTNEED)
+    def release(self, budget: int = _RSS_BUDGET) -> None:
+        """Once more than `budget` bytes were read, drop the mapped pages from this process's
+        RSS (they stay in the OS page cache; the next read of a page is a minor fault)."""
+        if self.touched > budget:
+            for m in self.maps:
+                m.madvise(mmap.MADV_DONTNEED)
+            self.touched = 0
 
 
 def _map_array(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, int],
@@ -196,7 +202,7 @@ class FunnelIndex:
             for lo in range(0, len(array), _BLOCK):
                 block = np.asarray(array[lo:lo + _BLOCK, :d], dtype=np.float32)
                 yield start + lo, _normalised(block, "embeddings", start + lo).astype(np.float32)
-            self.rows.release()
+            self.rows.release(0)  # a whole chunk was read
 
     def _codes(self, x: np.ndarray) -> np.ndarray:
         return np.packbits(x > 0, axis=1) if self.precision == "binary" else x
@@ -228,7 +234,7 @@ class FunnelIndex:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(self.n, size=min(train_size, self.n), replace=False))
             train = _normalised(self.rows.gather(sample)[:, :d], "embeddings").astype(np.float32)
-            self.rows.release()
+            self.rows.release(0)
             index.train(self._codes(train))
         for _, block in self._prefix_blocks(d):
             index.add(self._codes(block))
@@ -257,8 +263,8 @@ class FunnelIndex:
         ids = np.empty((len(q), k), dtype=np.int64)
         keeps = [*self.shortlists, k]
         widest = min(keeps[0], self.n)
-        # Re-rank in sub-batches whose gathered rows stay ~32 MB (float64), whatever the shortlist.
-        sub = max(1, 2 ** 22 // (widest * self.width))
+        # Re-rank in sub-batches whose gathered float32 rows stay ~32 MB, whatever the shortlist.
+        sub = max(1, 2 ** 23 // (widest * self.width))
         for lo in range(0, len(q), batch_size):
             qb = q[lo:lo + batch_size]
             cand = self._first_stage(qb, widest)
