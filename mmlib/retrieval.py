@@ -7,9 +7,10 @@ Stage 0 searches every corpus row with FAISS on the re-normalised ``dims[0]``-pr
 product by default; HNSW or IVF; float32, int8 = ScalarQuantizer QT_8bit, or binary = sign
 bits under Hamming distance) and keeps ``shortlists[0]`` rows per query. Each later stage
 re-scores the survivors exactly on its re-normalised prefix and keeps ``shortlists[i]``; the
-last keeps ``k``. Only the stage-0 index lives in RAM: the full-width rows are read from the
-corpus (memory-mapped for an ``encode_to_disk`` folder, sorted ids for locality) for the
-shortlisted rows only.
+last keeps ``k``. Only the stage-0 index lives in RAM. For an ``encode_to_disk`` folder the
+chunks are memory-mapped to build stage 0 (prefix blocks, pages dropped from RSS after each
+chunk), and the shortlisted full-width rows are read with ``pread`` in sorted id order (page
+cache copies: touching a map would pull 16+ pages per row into the process's RSS).
 
 Returned scores are always the exact cosine at ``dims[-1]`` (computed in float64, returned as
 float32), whatever stage 0 approximated; rows are ordered by score, then by id (lower first),
@@ -35,40 +36,54 @@ FIRST_STAGES = ("flat", "hnsw", "ivf")
 PRECISIONS = ("float32", "int8", "binary")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _BLOCK = 65_536  # rows per block when building stage 0 (bounds the float32 prefix copy)
-_RSS_BUDGET = 256 << 20  # mapped corpus bytes a process may hold resident between releases
 
 
 # -- corpus sources ----------------------------------------------------------------------------
 class _Rows:
-    """The full-width corpus as (start, array) chunks; arrays may be memory maps."""
+    """The full-width corpus as (start, array) chunks; arrays may be memory maps of files."""
 
-    def __init__(self, chunks: list[tuple[int, np.ndarray]], maps: list[mmap.mmap]):
+    def __init__(self, chunks: list[tuple[int, np.ndarray]], maps: list[mmap.mmap],
+                 files: list[tuple[int, int]] | None = None):
         self.chunks, self.maps = chunks, maps
-        self.touched = 0  # bytes read through the maps since the last release
+        self.files = files  # (file descriptor, data offset) per chunk: gather with pread
+        self.fds = [fd for fd, _ in files or ()]
         self.starts = np.array([s for s, _ in chunks], dtype=np.int64)
         self.n = sum(len(a) for _, a in chunks)
         self.width = chunks[0][1].shape[1] if chunks else 0
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
-        """float32 rows for ids (any order; sorted ids read the map sequentially)."""
-        self.touched += len(ids) * self.width * self.chunks[0][1].itemsize
-        if len(self.chunks) == 1:
+        """float32 rows for ids (any order; sorted ids read the files sequentially)."""
+        if len(self.chunks) == 1 and self.files is None:
             return np.asarray(self.chunks[0][1][ids], dtype=np.float32)
         out = np.empty((len(ids), self.width), dtype=np.float32)
         where = np.searchsorted(self.starts, ids, side="right") - 1
         for c in np.unique(where):
             start, array = self.chunks[c]
             sel = where == c
-            out[sel] = array[ids[sel] - start]
+            out[sel] = array[ids[sel] - start] if self.files is None else self._pread(c, ids[sel] - start)
         return out
 
-    def release(self, budget: int = _RSS_BUDGET) -> None:
-        """Once more than `budget` bytes were read, drop the mapped pages from this process's
-        RSS (they stay in the OS page cache; the next read of a page is a minor fault)."""
-        if self.touched > budget:
-            for m in self.maps:
-                m.madvise(mmap.MADV_DONTNEED)
-            self.touched = 0
+    def _pread(self, c: int, rows: np.ndarray) -> np.ndarray:
+        """Rows of chunk c read with pread: page-cache copies that never count in this
+        process's RSS, unlike touching a memory map (Linux maps 16+ pages around each fault)."""
+        fd, offset = self.files[c]
+        array = self.chunks[c][1]
+        size = array.shape[1] * array.itemsize
+        out = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
+        views = [memoryview(row) for row in out.view(np.uint8)]  # each row's bytes, read in place
+        preadv = os.preadv
+        for view, at in zip(views, (offset + rows * size).tolist(), strict=True):
+            preadv(fd, [view], at)
+        return out
+
+    def release(self) -> None:
+        """Drop mapped pages from this process's RSS (they stay in the OS page cache)."""
+        for m in self.maps:
+            m.madvise(mmap.MADV_DONTNEED)
+
+    def __del__(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 def _map_array(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, int],
@@ -110,6 +125,7 @@ def _folder_rows(folder: Path) -> _Rows:
         raise ValueError(f"{folder} is incomplete (interrupted?): run encode_to_disk again to finish it")
     chunks: list[tuple[int, np.ndarray]] = []
     maps: list[mmap.mmap] = []
+    files: list[tuple[int, int]] = []
     for chunk in index["chunks"]:
         file = folder / chunk["file"]
         if not file.is_file():
@@ -120,7 +136,8 @@ def _folder_rows(folder: Path) -> _Rows:
             raise ValueError(f"{file} holds {shape}, index.json says ({chunk['count']}, {index['dim']}): "
                              "delete it and run encode_to_disk again")
         chunks.append((chunk["start"], _map_array(file, offset, dtype, shape, maps)))
-    return _Rows(chunks, maps)
+        files.append((os.open(file, os.O_RDONLY), offset))
+    return _Rows(chunks, maps, files)
 
 
 def _is_torch(x: Any) -> bool:
@@ -159,15 +176,21 @@ class FunnelIndex:
                  shortlists: Sequence[int] = (200,), first_stage: str = "flat",
                  precision: str = "float32", *, hnsw_m: int = 32, ef_search: int = 64,
                  ef_construction: int = 80, nlist: int | None = None, nprobe: int = 16,
-                 train_size: int = 100_000, seed: int = 0):
+                 train_size: int = 100_000, seed: int = 0, reads: str = "pread"):
         """`embeddings`: an (N, E) array/tensor or an `encode_to_disk` folder. `dims`: ascending
         prefix sizes (None = E), one per stage; `shortlists`: rows kept after each stage but
         the last. HNSW: `hnsw_m`, `ef_search` (raised to the shortlist when smaller),
         `ef_construction`; IVF: `nlist` (default ~4 sqrt(N)), `nprobe`; `train_size` rows
-        (seeded sample) train IVF / int8."""
+        (seeded sample) train IVF / int8. `reads` (folders): "pread" re-ranks from page-cache
+        copies (RSS stays bounded), "mmap" from the memory map (faster; its pages count in
+        RSS, up to the whole corpus)."""
+        if reads not in ("pread", "mmap"):
+            raise ValueError(f"reads must be 'pread' or 'mmap', got {reads!r}")
         if isinstance(embeddings, (str, os.PathLike)):
             self.source = Path(embeddings)
             self.rows = _folder_rows(self.source)
+            if reads == "mmap":
+                self.rows.files = None
         else:
             self.source = None
             self.rows = _Rows([(0, _as_numpy(embeddings, "embeddings"))], [])
@@ -202,7 +225,7 @@ class FunnelIndex:
             for lo in range(0, len(array), _BLOCK):
                 block = np.asarray(array[lo:lo + _BLOCK, :d], dtype=np.float32)
                 yield start + lo, _normalised(block, "embeddings", start + lo).astype(np.float32)
-            self.rows.release(0)  # a whole chunk was read
+            self.rows.release()  # a whole chunk was read
 
     def _codes(self, x: np.ndarray) -> np.ndarray:
         return np.packbits(x > 0, axis=1) if self.precision == "binary" else x
@@ -234,7 +257,7 @@ class FunnelIndex:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(self.n, size=min(train_size, self.n), replace=False))
             train = _normalised(self.rows.gather(sample)[:, :d], "embeddings").astype(np.float32)
-            self.rows.release(0)
+            self.rows.release()
             index.train(self._codes(train))
         for _, block in self._prefix_blocks(d):
             index.add(self._codes(block))
@@ -297,7 +320,6 @@ class FunnelIndex:
         ids = np.sort(np.where(cand >= 0, cand, big), axis=1)
         valid = ids != big
         rows = self.rows.gather(np.where(valid, ids, 0).reshape(-1)).reshape(*ids.shape, self.width)
-        self.rows.release()
         # A single-stage index re-scores its own top k at dims[0]; the last stage's top k are
         # then re-scored in float64 below (float32 here: the shortlist is the bulk of the work).
         stages = list(zip(self.dims[1:], keeps[1:], strict=True)) or [(self.dims[0], keeps[0])]

@@ -129,12 +129,13 @@ def test_encode_to_disk_folder_is_memory_mapped(tmp_path, data, fmt):
     corpus, queries = data
     folder = encode_to_disk(_RowsEncoder(corpus), texts=[str(i) for i in range(len(corpus))],
                             out_dir=tmp_path / fmt, chunk_size=70, format=fmt, show_progress=False)
-    on_disk = FunnelIndex(folder, dims=(8, None), shortlists=(60,))
     in_ram = FunnelIndex(corpus, dims=(8, None), shortlists=(60,))
-    assert len(on_disk.rows.chunks) == 5
-    assert all(isinstance(owner(a), mmap.mmap) for _, a in on_disk.rows.chunks)  # not read into RAM
-    for a, b in zip(on_disk.search(queries, k=7), in_ram.search(queries, k=7), strict=True):
-        np.testing.assert_array_equal(a, b)
+    for reads in ("pread", "mmap"):
+        on_disk = FunnelIndex(folder, dims=(8, None), shortlists=(60,), reads=reads)
+        assert len(on_disk.rows.chunks) == 5
+        assert all(isinstance(owner(a), mmap.mmap) for _, a in on_disk.rows.chunks)  # not in RAM
+        for a, b in zip(on_disk.search(queries, k=7), in_ram.search(queries, k=7), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_cost_counts_each_stage(data):
