@@ -162,20 +162,23 @@ def write_corpus(fitted: FittedEmbeddings, folder: Path, n: int, n_queries: int,
 def configurations(width: int, quick: bool) -> list[tuple[str, dict]]:
     """(label, FunnelIndex kwargs) of every configuration benchmarked."""
     small = [d for d in (8, 16, 32, 64) if d <= width // 4]
+    mid = width // 4
+    ivf = {"first_stage": "ivf", "nlist": 1024, "train_size": 65536}
     out = [(f"flat d={d} S={s}", {"dims": (d, None), "shortlists": (s,)})
-           for d in small for s in ((400,) if quick else (100, 400, 1600))]
-    ivf = {"first_stage": "ivf", "nlist": 1024, "nprobe": 32, "train_size": 65536}
-    out += [("ivf d=16 S=400", {"dims": (16, None), "shortlists": (400,), **ivf}),
-            ("ivf d=32 S=400", {"dims": (32, None), "shortlists": (400,), **ivf}),
-            ("funnel flat 16->64->256 S=2000,200", {"dims": (16, 64, None), "shortlists": (2000, 200)}),
-            ("funnel ivf 16->64->256 S=2000,200", {"dims": (16, 64, None), "shortlists": (2000, 200), **ivf})]
+           for d in small for s in ((1000,) if quick else (200, 1000))]
+    out += [(f"ivf d={d} nprobe={p} S={s}", {"dims": (d, None), "shortlists": (s,), "nprobe": p, **ivf})
+            for d, p, s in ((16, 32, 1000), (32, 32, 400), (32, 64, 1000))]
+    out += [(f"funnel flat 16->{mid}->{width} S=2000,200", {"dims": (16, mid, None), "shortlists": (2000, 200)}),
+            (f"funnel ivf 16->{mid}->{width} S=2000,200", {"dims": (16, mid, None), "shortlists": (2000, 200),
+                                                          "nprobe": 64, **ivf}),
+            ("ivf d=32 nprobe=64 S=1000 reads=mmap", {"dims": (32, None), "shortlists": (1000,), "nprobe": 64,
+                                                     "reads": "mmap", **ivf})]
     if not quick:
-        out += [("flat int8 d=32 S=400", {"dims": (32, None), "shortlists": (400,), "precision": "int8"}),
-                ("flat binary d=64 S=1600", {"dims": (64, None), "shortlists": (1600,),
-                                             "precision": "binary"}),
-                ("hnsw d=32 S=400", {"dims": (32, None), "shortlists": (400,), "first_stage": "hnsw",
-                                     "hnsw_m": 16, "ef_construction": 40, "ef_search": 400})]
-    return out
+        out += [("flat int8 d=32 S=1000", {"dims": (32, None), "shortlists": (1000,), "precision": "int8"}),
+                ("flat binary d=64 S=1000", {"dims": (64, None), "shortlists": (1000,), "precision": "binary"}),
+                ("hnsw d=32 M=16 S=400", {"dims": (32, None), "shortlists": (400,), "first_stage": "hnsw",
+                                          "hnsw_m": 16, "ef_construction": 40, "ef_search": 400})]
+    return [(label, kw) for label, kw in out if all(d is None or d < width for d in kw["dims"][:-1])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--quick", action="store_true", help="fewer configurations")
