@@ -13,8 +13,9 @@ chunk), and the shortlisted full-width rows are read with ``pread`` in sorted id
 cache copies: touching a map would pull 16+ pages per row into the process's RSS).
 
 Returned scores are always the exact cosine at ``dims[-1]`` (computed in float64, returned as
-float32), whatever stage 0 approximated; rows are ordered by score, then by id (lower first),
-so ties are deterministic. A shortlist of at least N keeps every row (stage 0 is skipped),
+float32), whatever stage 0 approximated; rows are ordered by that score, then by id (lower
+first), so ties are deterministic. Re-rank stages select their survivors on float32 cosines
+(float32 rounding, as in any float32 brute-force search, decides only near-exact ties). A shortlist of at least N keeps every row (stage 0 is skipped),
 so such a funnel is exact; ``dims=(None,)`` is plain exact search.
 
 This module does not import torch (a CUDA build of torch costs ~0.7 GB of RSS at import):
