@@ -388,6 +388,7 @@ def plot_accuracy_vs_bytes(df: pd.DataFrame, metric: str = "q2t_top1", ax: Axes 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs storage")
     ax.legend(title="precision")
+    return ax
 
 
 def plot_mrope_positions(

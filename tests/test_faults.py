@@ -126,9 +126,14 @@ def test_sigterm_saves_the_last_completed_step_exits_143_and_resumes_exactly(
     assert_matches_reference(out, resumed, reference)
 
 
-def test_a_signal_during_the_update_is_acted_on_after_the_step(tmp_path, reference, monkeypatch):
+def test_a_signal_during_the_update_is_acted_on_after_the_step(tmp_path, reference, monkeypatch,
+                                                               request):
     """Ctrl-C between the optimizer update and the step counter: the checkpoint must hold
     the completed step 3 (not step 3's weights labelled step 2), handlers are restored."""
+    # Python's own Ctrl-C handler, whatever an earlier test or the runner installed (an ignored
+    # SIGINT stays ignored by design, and then nothing would interrupt).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     out = tmp_path / "run"
     trainer = Trainer(config(out))
     real_update = trainer.scaler.update
