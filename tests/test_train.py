@@ -32,11 +32,10 @@ def test_warmup_cosine_by_hand():
     assert warmup_cosine(10, warmup=4, total=10) == 0.0
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
-    straight = Trainer(small_config(tmp_path / "a"))
-    straight.train()
-
-    stopped = Trainer(small_config(tmp_path / "b"))
+def interrupted_then_resumed(make_config, folder, monkeypatch) -> Trainer:
+    """Ctrl-C at the start of step 3 (a checkpoint of step 2 is saved), then a second Trainer
+    with resume=auto runs to the end; returns that Trainer."""
+    stopped = Trainer(make_config(folder))
     real_step = stopped.train_step
 
     def interrupt_at_step_3(batches):
@@ -47,9 +46,16 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(stopped, "train_step", interrupt_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
-    resumed = Trainer(small_config(tmp_path / "b", resume="auto"))
+    resumed = Trainer(make_config(folder, resume="auto"))
     assert resumed.step == 2
     resumed.train()
+    return resumed
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = Trainer(small_config(tmp_path / "a"))
+    straight.train()
+    resumed = interrupted_then_resumed(small_config, tmp_path / "b", monkeypatch)
     a = {r["step"]: r["loss"] for r in read_log(tmp_path / "a" / "run")}
     b = {r["step"]: r["loss"] for r in read_log(tmp_path / "b" / "run")}
     assert a == b and sorted(a) == [1, 2, 3, 4]

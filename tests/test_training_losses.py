@@ -11,6 +11,7 @@ import torch
 
 from mmlib.config import EncoderConfig
 from tests.test_losses import naive_candidate_loss
+from tests.test_train import interrupted_then_resumed
 
 
 @pytest.mark.parametrize("width,expected", [(256, [256]), (1024, [256, 512, 1024]),
@@ -208,20 +209,7 @@ def test_learnable_temperature_joins_optimizer_and_checkpoint_and_resumes_exactl
     for n, p in straight.guide.named_parameters():
         assert torch.equal(p, start[n]) and not p.requires_grad, n
 
-    stopped = Trainer(_tiny_run(tmp_path / "b"))
-    real_step = stopped.train_step
-
-    def interrupt_at_step_3(batches):
-        if stopped.step == 2:
-            raise KeyboardInterrupt
-        return real_step(batches)
-
-    monkeypatch.setattr(stopped, "train_step", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        stopped.train()
-    resumed = Trainer(_tiny_run(tmp_path / "b", resume="auto"))
-    assert resumed.step == 2
-    resumed.train()
+    resumed = interrupted_then_resumed(_tiny_run, tmp_path / "b", monkeypatch)
     keys = ("loss", "temperature", "loss@8")
     a = [[r[k] for k in keys] for r in read_log(tmp_path / "a" / "run")]
     b = [[r[k] for k in keys] for r in read_log(tmp_path / "b" / "run")]
