@@ -11,39 +11,31 @@ batched by length, original order restored).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlib.backbone import (
     load_backbone,
-    refuse_remote_code,
     resolve_amp_dtype,
     resolve_device,
     unwrap,
 )
-from mmlib.config import SAVED_PARTS_KEY, EncoderConfig
+from mmlib.config import EncoderConfig
 from mmlib.head import ProjectionHead, PromptTokens, pool, truncate_and_normalize
 from mmlib.hf_utils import quiet_hf
 from mmlib.inference import encode_batched
 from mmlib.processing import ImageLike, apply_prompt, build_inputs, count_inputs
+from mmlib.saving import load_encoder, save_encoder, saves_backbone
 from mmlib.validation import require_int
 
 logger = logging.getLogger("mmlib")
 
-CONFIG_FILE = "mmlib_config.json"
-PROJECTION_FILE = "projection.safetensors"
-BACKBONE_DIR = "backbone"
-ADAPTER_DIR = "adapter"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
                  "mm_token_type_ids")
 
@@ -323,82 +315,14 @@ class MultimodalEncoder(nn.Module):
     def _is_compiled(self) -> bool:
         return getattr(self.qwen.language_model, "_compiled_call_impl", None) is not None
 
-    # -- save / load -----------------------------------------------------------------------
+    # -- save / load (mmlib/saving.py) -----------------------------------------------------
     def save_pretrained(self, path: str | Path, save_backbone: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None,
                         evaluation: pd.DataFrame | None = None,
                         training: dict[str, Any] | None = None) -> Path:
-        """Write config, projection (safetensors), processor, the backbone or LoRA adapter, and
-        a model card (README.md, with `evaluation` per dim and the `training` settings if given).
-
-        `save_backbone=None` saves the full backbone only when its own weights train
-        (no LoRA, not fully frozen); otherwise the base model is referenced by `model_path`
-        and only the adapter (if any) is written. `state_dict` (this module's full state
-        dict, e.g. `mmlib.fsdp.full_state_dict` of a sharded encoder) replaces the weights
-        read from the module itself. The folder is written beside `path` and then swapped in,
-        so `path` holds exactly this model: a model saved there before is replaced, never
-        mixed in. An existing `path` must be empty or a folder this method wrote.
-        """
-        target = Path(path).expanduser().resolve()
-        if target.exists() and (not target.is_dir() or (
-                any(target.iterdir()) and not (target / CONFIG_FILE).is_file())):
-            raise FileExistsError(
-                f"{path} exists and is not a saved encoder (no {CONFIG_FILE}): save_pretrained "
-                "replaces the whole folder, so it only overwrites folders it wrote; choose a new "
-                "or empty folder")
-        save_backbone = self._saves_backbone(save_backbone)
-        staging = target.parent / f".{target.name}.saving-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)  # left by a crash of this same process id
-        staging.mkdir(parents=True)
-        try:
-            self._write(staging, save_backbone, state_dict)
-            from mmlib.model_card import mmlib_card
-
-            (staging / "README.md").write_text(mmlib_card(self.config, evaluation, training))
-            if target.exists():
-                old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-                target.rename(old)
-                staging.rename(target)
-                shutil.rmtree(old)
-            else:
-                staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return Path(path)
-
-    def _write(self, path: Path, save_backbone: bool,
-               state_dict: dict[str, torch.Tensor] | None) -> None:
-        parts: dict[str, dict[str, torch.Tensor] | None] = {"backbone.": None, "projection.": None}
-        if state_dict is not None:
-            for prefix in parts:
-                parts[prefix] = {k[len(prefix):]: v for k, v in state_dict.items()
-                                 if k.startswith(prefix)}
-        written = {"backbone": False, "adapter": False}
-        with quiet_hf():
-            if self.config.use_lora:
-                self.backbone.save_pretrained(path / ADAPTER_DIR, state_dict=parts["backbone."])
-                written["adapter"] = True
-            elif save_backbone:
-                # A complete Qwen2.5-VL folder: loadable on its own with from_pretrained.
-                self.qwen.save_pretrained(path / BACKBONE_DIR, safe_serialization=True,
-                                          state_dict=parts["backbone."])
-                self.processor.save_pretrained(path / BACKBONE_DIR)
-                written["backbone"] = True
-        proj = parts["projection."] or self.projection.state_dict()
-        proj = {k: v.detach().cpu().contiguous() for k, v in proj.items()}
-        save_file(proj, str(path / PROJECTION_FILE))
-        self.processor.save_pretrained(path)
-        # `parts` tells from_pretrained what to load (the config alone cannot: a frozen or
-        # LoRA model references its base by model_path).
-        record = {**self.config.to_dict(), SAVED_PARTS_KEY: written}
-        (path / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-    def _saves_backbone(self, save_backbone: bool | None = None) -> bool:
-        if save_backbone is None:
-            return not self.config.use_lora and self.config.freeze_backbone != "all"
-        return save_backbone
+        """Write config, projection, processor, the backbone or LoRA adapter and a model card
+        into `path`, replacing what was there (see `mmlib.saving.save_encoder`)."""
+        return save_encoder(self, path, save_backbone, state_dict, evaluation, training)
 
     def saves_weight(self, name: str, save_backbone: bool | None = None) -> bool:
         """Whether `save_pretrained` writes the state-dict entry `name` (the projection, plus
@@ -407,96 +331,13 @@ class MultimodalEncoder(nn.Module):
             return True
         if self.config.use_lora:
             return "lora_" in name
-        return self._saves_backbone(save_backbone) and name.startswith("backbone.")
+        return saves_backbone(self.config, save_backbone) and name.startswith("backbone.")
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, **overrides: Any) -> MultimodalEncoder:
-        """Load a folder written by `save_pretrained`, or wrap a backbone (id, folder, 'tiny').
-
-        `overrides` change the saved config; those the saved weights fix (embed_dim; the
-        LoRA settings of a saved adapter; model_path when the backbone is saved) must agree
-        with it.
-        """
-        path = Path(path_or_id).expanduser()
-        if not (path / CONFIG_FILE).is_file():
-            return cls(EncoderConfig(model_path=str(path_or_id), **overrides))
-        saved = EncoderConfig.load(path / CONFIG_FILE)
-        parts = saved_parts(path, saved)
-        config = saved.replace(**overrides)
-        _check_overrides(path, saved, config, parts, overrides)
-        backbone_dir = str(path / BACKBONE_DIR) if parts["backbone"] else None
-        if not parts["adapter"]:
-            enc = cls(config, _backbone_path=backbone_dir)
-        else:
-            # The adapter is loaded onto the base model, not created fresh.
-            enc = cls(config.replace(use_lora=False), _backbone_path=backbone_dir)
-            enc.backbone = load_adapter(enc.backbone, path / ADAPTER_DIR)
-            enc.config = config
-        enc.projection.load_state_dict(load_file(str(path / PROJECTION_FILE), device=str(enc.device)))
-        return enc
-
-
-def saved_parts(path: str | Path, config: EncoderConfig) -> dict[str, bool]:
-    """Which weight parts (`backbone`, `adapter`) the saved encoder in `path` holds."""
-    path = Path(path)
-    record = json.loads((path / CONFIG_FILE).read_text()).get(SAVED_PARTS_KEY)
-    if record is None:
-        # Written before `parts` was recorded: a LoRA save never wrote backbone/ and a full
-        # one never adapter/, so a folder holding the other is a stale leftover.
-        return {"backbone": not config.use_lora and (path / BACKBONE_DIR).is_dir(),
-                "adapter": config.use_lora and (path / ADAPTER_DIR).is_dir()}
-    if not (isinstance(record, dict) and set(record) == {"backbone", "adapter"}
-            and all(isinstance(v, bool) for v in record.values())):
-        raise ValueError(f"{path / CONFIG_FILE}: {SAVED_PARTS_KEY!r} must map 'backbone' and "
-                         f"'adapter' to true/false, got {record!r}")
-    for part, folder in (("backbone", BACKBONE_DIR), ("adapter", ADAPTER_DIR)):
-        if record[part] and not (path / folder).is_dir():
-            raise FileNotFoundError(f"{path / CONFIG_FILE} lists a saved {part} but "
-                                    f"{path / folder} is missing: the folder is incomplete")
-    return record
-
-
-# Fields the saved weights fix, per saved part: an override must agree with the saved value.
-_FIXED_BY = {
-    "projection": ("embed_dim",),
-    "adapter": ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-    "backbone": ("model_path",),
-}
-
-
-def _check_overrides(path: Path, saved: EncoderConfig, config: EncoderConfig,
-                     parts: dict[str, bool], overrides: dict[str, Any]) -> None:
-    for part, names in _FIXED_BY.items():
-        if part != "projection" and not parts[part]:
-            continue
-        for name in names:
-            if name in overrides and getattr(config, name) != getattr(saved, name):
-                raise ValueError(
-                    f"from_pretrained({str(path)!r}, {name}={overrides[name]!r}): the saved "
-                    f"{part} was built with {name}={getattr(saved, name)!r} and cannot change; "
-                    "drop the override (or train a new model)")
-
-
-def load_adapter(backbone: nn.Module, folder: str | Path) -> nn.Module:
-    """`backbone` with the LoRA adapter saved in `folder`: safetensors only, never a pickle."""
-    from peft import PeftModel
-
-    folder = Path(folder)
-    refuse_remote_code(folder)
-    config_file = folder / "adapter_config.json"
-    peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
-    if peft_type != "LORA":
-        raise ValueError(f"{config_file}: expected a LoRA adapter (peft_type 'LORA'), got "
-                         f"{peft_type!r}; mmlib saves and loads LoRA adapters only")
-    if not (folder / "adapter_model.safetensors").is_file():
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth",
-                                                                          ".pkl", ".ckpt"))
-        found = f"holds {pickled} but " if pickled else ""
-        raise ValueError(f"{folder} {found}has no adapter_model.safetensors: pickled weights are "
-                         "never loaded (unpickling can run code); convert them with "
-                         "safetensors.torch.save_file in a trusted environment")
-    with quiet_hf():
-        return PeftModel.from_pretrained(backbone, str(folder), is_trainable=True)
+        """Load a folder written by `save_pretrained`, or wrap a backbone (id, folder, 'tiny');
+        overrides the saved weights fix must agree (see `mmlib.saving.load_encoder`)."""
+        return load_encoder(cls, path_or_id, **overrides)
 
 
 def component_of(name: str) -> str:

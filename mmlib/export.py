@@ -201,7 +201,7 @@ def _save_backbone(encoder: MultimodalEncoder, folder: Path) -> None:
 
 def _encoder_folder(run_or_model: Path) -> Path:
     """A saved encoder folder: the argument itself, or the `final/` model of a run folder."""
-    from mmlib.encoder import CONFIG_FILE
+    from mmlib.saving import CONFIG_FILE
 
     for candidate in (run_or_model, run_or_model / "final"):
         if (candidate / CONFIG_FILE).is_file():

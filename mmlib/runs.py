@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from mmlib.encoder import CONFIG_FILE, MultimodalEncoder
+from mmlib.encoder import MultimodalEncoder
+from mmlib.saving import CONFIG_FILE
 from mmlib.tiny import default_cache_dir
 from mmlib.train import TrainConfig, Trainer
 
