@@ -613,20 +613,14 @@ def test_no_duplicates_sampler_rejects_bad_input():
 
 def test_distributed_wrapper_shards_no_duplicates_batches():
     from mmlib.distributed import DistributedBatchSampler
+    from tests.test_distributed import assert_slices_concatenate
 
     ids, texts = _five_captions()
     glob = NoDuplicatesBatchSampler(ids, texts, 12, seed=3)
     ranks = [DistributedBatchSampler(NoDuplicatesBatchSampler(ids, texts, 12, seed=3), r, 3)
              for r in range(3)]
     for epoch in (0, 1):
-        glob.set_epoch(epoch)
-        for s in ranks:
-            s.set_epoch(epoch)
-        expected = list(glob)
-        per_rank = [list(s) for s in ranks]
-        assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
-        for k, batch in enumerate(expected):
-            assert sum((p[k] for p in per_rank), []) == batch
+        assert_slices_concatenate(glob, ranks, epoch)
 
 
 def test_train_config_batch_sampler_is_validated():

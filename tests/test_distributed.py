@@ -81,6 +81,20 @@ def load(path):
 
 
 # ------------------------------------------------------------------------ single process
+def assert_slices_concatenate(glob, ranks, epoch: int) -> list[list[list[int]]]:
+    """At `epoch`, the ranks' batches (same count as the global sampler's, len() exact) put side
+    by side are exactly the global batches; returns each rank's batches."""
+    glob.set_epoch(epoch)
+    for s in ranks:
+        s.set_epoch(epoch)
+    expected = list(glob)
+    per_rank = [list(s) for s in ranks]
+    assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
+    for k, batch in enumerate(expected):
+        assert sum((p[k] for p in per_rank), []) == batch
+    return per_rank
+
+
 def test_sharded_sampler_slices_concatenate_to_the_global_batch():
     lengths = [(7 * i) % 11 + 1 for i in range(39)]  # 39 = 6 x 6 + 3: a short last batch
     for world in (2, 3):
@@ -92,14 +106,8 @@ def test_sharded_sampler_slices_concatenate_to_the_global_batch():
                                                                  bucket_size_multiplier=2),
                                              rank=r, world_size=world) for r in range(world)]
             for epoch in (0, 1):
-                glob.set_epoch(epoch)
-                for s in ranks:
-                    s.set_epoch(epoch)
-                expected = list(glob)
-                per_rank = [list(s) for s in ranks]
-                assert all(len(p) == len(expected) == len(s) for p, s in zip(per_rank, ranks, strict=True))
-                for k, batch in enumerate(expected):
-                    assert sum((p[k] for p in per_rank), []) == batch
+                per_rank = assert_slices_concatenate(glob, ranks, epoch)
+                for k in range(len(per_rank[0])):
                     sizes = [len(p[k]) for p in per_rank]
                     assert max(sizes) - min(sizes) <= 1
                 seen = sorted(i for p in per_rank for b in p for i in b)
