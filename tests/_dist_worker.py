@@ -196,6 +196,43 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
                        out / f"fsdp_rank{rank}.pt")
 
 
+def _status_kb(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def check_checkpoint_memory(out: Path, rank: int) -> None:
+    """Each rank's extra resident memory while writing a checkpoint, next to the bytes of its
+    own shard (trainable weights + AdamW moments): a frozen backbone and a wide projection
+    (embed_dim 4096, 17 M trainable parameters, ~100 MB per rank) keep the noise small."""
+    import ctypes
+    import gc
+
+    from mmlib.fsdp import is_sharded
+    from mmlib.train import Trainer
+
+    cfg = trainer_config(out / "memory", fsdp=True, save_every=0, max_steps=1)
+    cfg.encoder = cfg.encoder.replace(embed_dim=4096, freeze_backbone="all")
+    trainer = Trainer(cfg)
+    trainer.train_step(trainer._next_batches())
+    trainer._commit()
+    assert is_sharded(trainer.encoder)
+    local = [p for p in trainer.encoder.parameters() if p.requires_grad]
+    local += [v for p in local for v in trainer.optimizer.state[p].values() if v.ndim]
+    shard = sum(t.to_local().numel() * t.element_size() for t in local)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap counts as resident until trimmed
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    trainer.save_checkpoint()
+    extra = (_status_kb("VmHWM") - before) * 1024
+    torch.save({"extra": extra, "shard": shard}, out / f"memory_rank{rank}.pt")
+    trainer.close()
+
+
 def main() -> None:
     from mmlib.distributed import cleanup, init_distributed
 
@@ -207,7 +244,8 @@ def main() -> None:
         for name, fn in (("toy", lambda: check_toy_gather(out, info.rank)),
                          ("encoder", lambda: check_encoder_step(out, info.rank)),
                          ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint)),
-                         ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint))):
+                         ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint)),
+                         ("memory", lambda: check_checkpoint_memory(out, info.rank))):
             start = time.perf_counter()
             fn()
             print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)

@@ -362,6 +362,19 @@ def test_fsdp_lora_with_checkpointing_equals_single_process(dist_run, tmp_path):
                           atol=0)
 
 
+def test_checkpoint_memory_is_one_shard_not_the_whole_state(dist_run):
+    """Writing a checkpoint under FSDP costs each rank at most ~1.3x its own shard (weights +
+    AdamW moments) of extra resident memory: nothing is gathered onto rank 0 (which would cost
+    W x the shard, ~400 GB for a 32B full fine-tune)."""
+    for r in range(WORLD):
+        got = load(dist_run / f"memory_rank{r}.pt")
+        mb = {k: round(v / 2**20, 1) for k, v in got.items()}
+        print(f"rank {r}: extra {mb['extra']} MB while saving, shard {mb['shard']} MB, "
+              f"ratio {got['extra'] / got['shard']:.2f}")
+        assert got["shard"] > 80 * 2**20, mb  # big enough that allocator noise is small
+        assert got["extra"] <= 1.3 * got["shard"], mb
+
+
 def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
     from mmlib.fsdp import shard_encoder
     from mmlib.train import Trainer
