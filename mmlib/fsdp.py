@@ -14,9 +14,10 @@ negatives, and FSDP's reduce-scatter averages the gradients over ranks exactly a
 
 Sharding units: each vision block, each decoder layer, the projection head (its own unit
 because its dtype may differ from a bf16 backbone's), and the rest (embeddings, final norm,
-patch embedding, merger) with the encoder as the root. Checkpoints and the final model are
-written in the ordinary single-process format (full tensors, gathered one at a time), so they
-load anywhere: one process, DDP, or FSDP on another world size.
+patch embedding, merger) with the encoder as the root. The final model is written in the
+ordinary single-process format (full tensors, gathered one at a time); checkpoints are written
+shard by shard by every rank (mmlib/checkpoint.py) and resharded on load. Both load anywhere:
+one process, DDP, or FSDP on another world size.
 """
 
 from __future__ import annotations

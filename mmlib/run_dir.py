@@ -22,14 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 logger = logging.getLogger("mmlib")
 
 LOCK_FILE = "run.lock"
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_GLOB = "checkpoint-*"
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 RUN_OUTPUTS = ("final", "metrics.jsonl", "eval.csv")  # besides checkpoint-* folders
 
 
@@ -143,34 +140,48 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def fresh_tmp_dir(target: str | Path) -> Path:
+    """An empty temporary folder beside `target` (`.tmp-<name>`), replacing one left by a
+    killed writer (the caller holds the run's lock)."""
+    target = Path(target)
+    tmp = target.with_name(TMP_PREFIX + target.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, target: str | Path) -> None:
+    """Make `tmp` and everything in it durable, then rename it to `target` (replacing an
+    older one): a reader sees the old folder or the whole new one."""
+    target = Path(target)
+    for p in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(tmp)
+    if target.exists() or target.is_symlink():
+        old = target.with_name(TMP_PREFIX + "old-" + target.name)
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success make it durable and rename it to
     `target` (replacing an older one). On an exception the temporary folder is removed."""
-    target = Path(target)
-    tmp = target.with_name(TMP_PREFIX + target.name)
-    if tmp.exists():  # left by a killed writer (we hold the folder's lock)
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(target)
     try:
         yield tmp
-        for p in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            elif p.is_dir():
-                fsync_dir(p)
-        fsync_dir(tmp)
-        if target.exists() or target.is_symlink():
-            old = target.with_name(TMP_PREFIX + "old-" + target.name)
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -179,23 +190,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 # -- checkpoints in a folder -----------------------------------------------------------------
 def checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The state.json of a checkpoint after checking that all its files are whole; raises
-    `CheckpointError` naming the missing or corrupt file."""
-    path = Path(path)
-    for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing: {path} is not a complete checkpoint")
-    try:
-        state = json.loads((path / "state.json").read_text())
-        int(state["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'state.json'} is corrupt ({e})") from e
-    for name in CHECKPOINT_FILES[:2]:
-        try:
-            with safe_open(str(path / name), framework="pt"):
-                pass  # the header is checked against the file's size: catches truncation
-        except SafetensorError as e:
-            raise CheckpointError(f"{path / name} is corrupt ({e})") from e
-    return state
+    `CheckpointError` naming the missing or corrupt file (the layout: mmlib/checkpoint.py)."""
+    from mmlib.checkpoint import verify  # imported here: mmlib.checkpoint builds on this module
+
+    return verify(path)
 
 
 def scan_checkpoints(folder: str | Path) -> tuple[list[tuple[int, Path]], list[Path],

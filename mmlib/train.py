@@ -8,7 +8,7 @@ One optimizer step = `grad_accum_steps` batches of `batch_size` pairs. Within a 
 of one micro-batch); accumulation across batches does *not* add negatives. AdamW with linear
 warm-up and cosine decay, AMP from the encoder config (bf16 on GPU; fp16 uses a GradScaler),
 gradient clipping with the norm logged, periodic retrieval evaluation per Matryoshka dim,
-metrics as JSONL, safetensors checkpoints that resume exactly.
+metrics as JSONL, sharded checkpoints (mmlib/checkpoint.py) that resume exactly.
 `loss` chooses mrl | full | hard_negatives | multilevel (see LOSSES_DOC); per-dim losses are
 logged as `loss@64` (`loss@L-2@64` per layer), see `mmlib.plots.plot_training_curves`.
 
@@ -23,7 +23,8 @@ Under torchrun (`torchrun --nproc_per_node 8 -m mmlib.train --config ...`) `batc
 global batch: each rank embeds batch_size / W pairs, the embeddings are gathered with gradient
 so that every rank computes the loss of the whole global batch, gradients are averaged, and a
 step equals the single-process step on the same global batch (see mmlib/distributed.py). Rank
-0 logs, evaluates and writes checkpoints; checkpoints do not depend on the world size.
+0 logs and evaluates; every rank writes its own part of a checkpoint, which resumes on any
+world size.
 `fsdp: true` also shards weights, gradients and optimizer moments over the ranks, for models
 that do not fit one GPU (mmlib/fsdp.py); the step and the checkpoints stay the same.
 """
@@ -37,7 +38,6 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -51,9 +51,9 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mmlib import checkpoint
 from mmlib.config import EncoderConfig
 from mmlib.data import (
     BATCH_SAMPLERS,
@@ -77,7 +77,7 @@ from mmlib.distributed import (
 )
 from mmlib.encoder import MultimodalEncoder
 from mmlib.evaluation import evaluate_dataset
-from mmlib.fsdp import full_state_dict, full_tensor, load_full_tensor, shard_encoder
+from mmlib.fsdp import full_state_dict, full_tensor, shard_encoder
 from mmlib.gradcache import gradcache_step, split_batch
 from mmlib.losses import (
     ContrastiveLossWithHardNegatives,
@@ -300,19 +300,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, checkpoint: Path | None):
         super().__init__(f"{signal.Signals(signum).name}; checkpoint: {checkpoint}")
         self.signum, self.checkpoint = signum, checkpoint
-
-
-def _pause_for_tests(step: int) -> None:
-    """Test hook (MMLIB_TEST_PAUSE_CHECKPOINT="<step>:<marker>"): half-way through writing
-    checkpoint <step>, create <marker> and wait until it is removed, so that a test can kill
-    or signal the run inside the write."""
-    at, _, marker = os.environ.get("MMLIB_TEST_PAUSE_CHECKPOINT", "").partition(":")
-    if not marker or int(at) != step:
-        return
-    Path(marker).touch()
-    deadline = time.monotonic() + 300
-    while Path(marker).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 # -- trainer ----------------------------------------------------------------------------------
@@ -565,11 +552,10 @@ class Trainer:
     def _commit(self) -> None:
         """Remember the data position and RNG state after a completed step: a checkpoint
         written on Ctrl-C must not count batches drawn for a step that never finished."""
+        # This rank's generators only (CPU and the GPU it trains on): a checkpoint of 8 ranks
+        # resumes on 4 or 16, each rank restoring its own state where the checkpoint has one.
         self._committed = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                           "rng_cpu": torch.get_rng_state(),
-                           "rng_cuda": (torch.cuda.get_rng_state_all()
-                                        if torch.cuda.is_available() and torch.cuda.is_initialized()
-                                        else [])}
+                           "rng": checkpoint.rng_state(checkpoint.accelerators(self.encoder))}
 
     # -- data order (deterministic, resumable) ------------------------------------------------
     def _next_batches(self) -> list[dict[str, Any]]:
@@ -709,8 +695,10 @@ class Trainer:
             logger.error("%s after step %d: no checkpoint saved (under FSDP saving needs every "
                          "rank)", type(error).__name__, self.step)
             return
+        if not self.dist.is_main:  # the other ranks may be stuck in a collective: rank 0
+            return  # writes alone (without FSDP it holds all the weights and moments)
         try:
-            path = self._checkpoint_now()
+            path = self._checkpoint_now(collective=False)
         except Exception as e:  # keep the original error; say why nothing was saved
             logger.error("could not save a checkpoint after %s: %s", type(error).__name__, e)
             return
@@ -757,90 +745,53 @@ class Trainer:
             write_text_atomic(path, "".join(keep))
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def _checkpointed(self) -> torch.nn.Module:
+        """What a checkpoint saves, under stable names: `encoder.*` and the loss's `loss.*`
+        (a learnable temperature resumes too); the optimizer is keyed by these names."""
+        return torch.nn.ModuleDict({"encoder": self.encoder, "loss": self.loss_fn})
+
+    def save_checkpoint(self, collective: bool = True) -> Path:
         """Trainable weights, optimizer moments, schedule, data position and RNG state.
 
-        Under torchrun only rank 0 writes (the others return the path); weights and optimizer
-        are the same on every rank and the position counts global batches, so a checkpoint
-        resumes on any world size. Under FSDP each tensor is first gathered whole (all ranks
-        take part), so the files are the same as without FSDP.
+        Under torchrun every rank writes its own part (mmlib/checkpoint.py: its FSDP shards, or
+        its share of the replicated tensors, and its RNG state), so no rank gathers the model;
+        the folder appears whole once all are done. The position counts global batches and the
+        shards are resharded on load, so a checkpoint resumes on any world size, with or
+        without FSDP. `collective=False`: this rank writes alone (plain data parallelism only,
+        where every rank holds everything; after an error on one rank).
         """
         path = self.out / f"checkpoint-{self.step:06d}"
-        main = self.dist.is_main
-        trainable = {n: p for n, p in self.encoder.named_parameters() if p.requires_grad}
-        weights = full_state_dict(self.encoder, main, keep=trainable.__contains__)
-        trainable |= self._loss_parameters()  # a learnable temperature resumes too
-        moments = {}
-        for name, p in trainable.items():  # the same order on every rank
-            for key, value in sorted(self.optimizer.state.get(p, {}).items()):
-                whole = full_tensor(torch.as_tensor(value).detach())
-                if main:
-                    moments[f"{name}::{key}"] = whole.cpu().contiguous()
-        if not main:
-            self._saved_at = self.step
-            return path
-        weights |= {n: p.detach().cpu().contiguous() for n, p in self._loss_parameters().items()}
         done = self._committed
-        moments["rng::cpu"] = done["rng_cpu"]
-        for i, s in enumerate(done["rng_cuda"]):
-            moments[f"rng::cuda{i}"] = s
         state = {"step": self.step, "epoch": done["epoch"], "batch_in_epoch": done["batch_in_epoch"],
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "config": self.config.to_dict()}
-        # Written under a temporary name and renamed when whole: a kill leaves no half
-        # checkpoint for resume=auto to trip over.
-        with atomic_dir(path) as tmp:
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            _pause_for_tests(self.step)
-            save_file(moments, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+                 "config": self.config.to_dict(), "world_size": self.dist.world_size}
+        checkpoint.save(path, self._checkpointed(), self.optimizer, state, done["rng"],
+                        rank=self.dist.rank, device=self.dist.device,
+                        collective=self.dist.enabled and collective,
+                        pause=functools.partial(checkpoint.pause_for_tests, self.step))
         self._saved_at = self.step
         return path
 
-    def _checkpoint_now(self) -> Path:
+    def _checkpoint_now(self, collective: bool = True) -> Path:
         """A checkpoint of the current step: written unless this run already holds it."""
         if self._saved_at == self.step:
             return self.out / f"checkpoint-{self.step:06d}"
-        return self.save_checkpoint()
+        return self.save_checkpoint(collective)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything `save_checkpoint` wrote, so training continues bit for bit."""
+        """Restore everything `save_checkpoint` wrote, so training continues bit for bit (on
+        another world size: up to the float rounding of another summation order)."""
         path = Path(path)
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"{path} is not an mmlib checkpoint (no state.json)")
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = {**dict(self.encoder.named_parameters()), **self._loss_parameters()}
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:5]}: "
-                             "was it written with another freezing / LoRA setting?")
-        wrong = [f"{n} {tuple(t.shape)} (this model: "
-                 f"{tuple(params[n].shape) if n in params else 'no such parameter'})"
-                 for n, t in weights.items() if n not in params or params[n].shape != t.shape]
-        if wrong:
-            saved = json.loads((path / "state.json").read_text()).get("config", {})
-            raise ValueError(f"checkpoint {path} does not fit this model: {wrong[:3]}; it was "
-                             f"written for model_path={saved.get('encoder', {}).get('model_path')!r}"
-                             f" (this run: {self.config.encoder.model_path!r})")
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(load_full_tensor(params[n], t))  # this rank's shard under FSDP
-        moments = load_file(str(path / "optimizer.safetensors"))
-        for name, p in params.items():
-            if not p.requires_grad:
-                continue
-            state = {key.split("::", 1)[1]: v for key, v in moments.items()
-                     if key.split("::", 1)[0] == name}
-            if state:
-                # AdamW keeps its moments like the parameter (sharded under FSDP); "step" is
-                # a plain scalar on the CPU.
-                self.optimizer.state[p] = {
-                    k: v if k == "step" else load_full_tensor(p, v) for k, v in state.items()}
-        torch.set_rng_state(moments["rng::cpu"])
-        cuda = [moments[k] for k in sorted(moments) if k.startswith("rng::cuda")]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
         state = json.loads((path / "state.json").read_text())
+        saved = state.get("config", {}).get("encoder", {}).get("model_path")
+        checkpoint.load(path, self._checkpointed(), self.optimizer,
+                        hint=f"it was written for model_path={saved!r} (this run: "
+                             f"{self.config.encoder.model_path!r})")
+        checkpoint.load_rng(path, self.dist.rank, checkpoint.accelerators(self.encoder),
+                            checkpoint.fallback_seed(self.config.encoder.seed, state["step"],
+                                                     self.dist.rank))
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.scheduler.load_state_dict(state["scheduler"])

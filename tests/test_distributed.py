@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from mmlib.checkpoint import read_full
 from mmlib.data import LengthBucketSampler
 from mmlib.distributed import (
     DistributedBatchSampler,
@@ -242,8 +242,8 @@ def _metrics(run) -> list[tuple[float, float]]:
 def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
     """2 optimizer steps (hard negatives on, a different number per rank) on 2 ranks == 1 process:
     same logged loss and gradient norm (before clipping), same weights, ranks in lockstep."""
-    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
-    written = load_file(str(dist_run / "scratch" / "checkpoint-000002" / "trainable.safetensors"))
+    expected = read_full(reference_run / "checkpoint-000002")
+    written = read_full(dist_run / "scratch" / "checkpoint-000002")
     _assert_weights_close(written, expected, "rank 0's checkpoint")
     ranks = [load(dist_run / f"scratch_weights_rank{r}.pt") for r in range(WORLD)]
     _assert_weights_close(ranks[0], expected, "rank 0")
@@ -260,7 +260,7 @@ def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
 def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
     """Step 1 by one process, step 2 by two ranks (GradCache on) resumed from its checkpoint
     == 2 single-process steps."""
-    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    expected = read_full(reference_run / "checkpoint-000002")
     for r in range(WORLD):
         _assert_weights_close(load(dist_run / f"resumed_weights_rank{r}.pt"), expected,
                               f"resumed rank {r}")
@@ -292,13 +292,13 @@ FSDP_WEIGHT_ATOL = 5e-5
 def test_fsdp_trainer_equals_single_process(dist_run, reference_run):
     """FSDP2 with GradCache (micro-batches of 3 of 4 rows, hard-negative counts that differ by
     rank): each rank holds half the weights, and 2 steps equal 2 single-process steps."""
-    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    expected = read_full(reference_run / "checkpoint-000002")
     for r in range(WORLD):
         _assert_weights_close(load(dist_run / f"fsdp_weights_rank{r}.pt"), expected,
                               f"fsdp rank {r}", FSDP_WEIGHT_ATOL)
         info = load(dist_run / f"fsdp_rank{r}.pt")
         assert info["held"] <= info["total"] // WORLD + 1000, info  # + shard padding at most
-    written = load_file(str(dist_run / "fsdp" / "checkpoint-000002" / "trainable.safetensors"))
+    written = read_full(dist_run / "fsdp" / "checkpoint-000002")
     _assert_weights_close(written, expected, "fsdp checkpoint", FSDP_WEIGHT_ATOL)
     for (loss1, norm1), (loss2, norm2) in zip(_metrics(reference_run), _metrics(dist_run / "fsdp"),
                                               strict=True):
@@ -338,7 +338,7 @@ def test_fsdp_outputs_load_in_one_process(dist_run, reference_run, tmp_path):
                                      resume=str(dist_run / "fsdp" / "checkpoint-000001")))
     trainer.train()
     resumed = {n: p.detach() for n, p in trainer.encoder.named_parameters() if p.requires_grad}
-    expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
+    expected = read_full(reference_run / "checkpoint-000002")
     _assert_weights_close(resumed, expected, "one process resumed from an FSDP checkpoint",
                           FSDP_WEIGHT_ATOL)
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mmlib.checkpoint import SHARDED_DIR, read_full, rng_file
 from mmlib.processing import ImageLoadError
 from mmlib.train import Trainer
 from tests.test_train import read_log, small_config
@@ -171,9 +172,11 @@ def test_an_exception_inside_a_step_saves_the_last_completed_step(tmp_path, refe
         trainer.train()
     saved, expected = out / "checkpoint-000002", reference[0] / "checkpoint-000002"
     assert json.loads((saved / "state.json").read_text())["batch_in_epoch"] == 2
-    for name in ("trainable.safetensors", "optimizer.safetensors"):
-        got, want = load_file(saved / name), load_file(expected / name)
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
+    for part in ("model", "optim"):  # weights, AdamW moments, and the RNG state
+        got, want = read_full(saved, part), read_full(expected, part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), part
+    got, want = load_file(saved / rng_file(0)), load_file(expected / rng_file(0))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint_by_recorded_step(
@@ -184,27 +187,31 @@ def test_resume_auto_picks_the_newest_complete_checkpoint_by_recorded_step(
     shutil.copytree(ref / "checkpoint-000002", out / "checkpoint-000002_v2")  # "22" by digits
     shutil.copytree(ref / "checkpoint-000004", out / "checkpoint-000004")
     (out / "checkpoint-000010").mkdir()  # a write killed by the old, non-atomic writer
-    shutil.copy(ref / "checkpoint-000004" / "trainable.safetensors", out / "checkpoint-000010")
+    shutil.copytree(ref / "checkpoint-000004" / SHARDED_DIR, out / "checkpoint-000010" / SHARDED_DIR)
     (out / "checkpoint-best").symlink_to("checkpoint-000004")
     with caplog.at_level(logging.WARNING, logger="mmlib"):
         resumed = Trainer(config(out, resume="auto"))
     assert resumed.step == 4
     assert "checkpoint-000010" in caplog.text
-    expected = load_file(ref / "checkpoint-000004" / "trainable.safetensors")
+    expected = read_full(ref / "checkpoint-000004")
     assert all(torch.equal(trainable(resumed)[n], t) for n, t in expected.items())
 
 
-@pytest.mark.parametrize("damage", ["truncated safetensors", "bad json"])
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "truncated rng file",
+                                    "bad json"])
 def test_a_corrupt_checkpoint_names_the_file_and_the_last_good_one(tmp_path, reference, damage):
     ref = reference[0]
     out = tmp_path / "run"
     for name in ("checkpoint-000002", "checkpoint-000004"):
         shutil.copytree(ref / name, out / name)
+    broken = out / "checkpoint-000004"
+    bad = {"bad json": broken / "state.json", "truncated rng file": broken / rng_file(0)}.get(
+        damage, broken / SHARDED_DIR / "__0_0.distcp")
     if damage == "bad json":
-        bad = out / "checkpoint-000004" / "state.json"
         bad.write_text(bad.read_text()[:-20])
+    elif damage == "missing shard":
+        bad.unlink()
     else:
-        bad = out / "checkpoint-000004" / "optimizer.safetensors"
         bad.write_bytes(bad.read_bytes()[:-100])
     with pytest.raises(ValueError, match=rf"{bad}.*last good checkpoint.*checkpoint-000002"):
         Trainer(config(out, resume="auto"))
