@@ -189,21 +189,25 @@ def fallback_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:7], "big")
 
 
+def write_rng(folder: str | Path, rank: int, state: dict[str, Tensor]) -> None:
+    """Write rank `rank`'s `rng_state` into checkpoint folder `folder` (durably)."""
+    file = Path(folder) / rng_file(rank)
+    save_file(state, str(file))
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def load_rng(path: str | Path, rank: int, devices: Iterable[torch.device], seed: int) -> None:
-    """Restore rank `rank`'s generators from checkpoint `path`; a rank the checkpoint has no
-    state for (it was written by fewer ranks, or fewer GPUs) is seeded from `seed` (logged)."""
+    """Restore rank `rank`'s generators from checkpoint `path`; what the checkpoint has no
+    state for (it was written by fewer ranks, or on fewer GPUs) is seeded with `seed` (logged)."""
     path, devices = Path(path), list(devices)
     file = path / rng_file(rank)
-    saved = load_file(str(file)) if file.is_file() else None
-    missing = restore_rng(saved, devices, seed)
+    missing = restore_rng(load_file(str(file)) if file.is_file() else None, devices, seed)
     if missing:
-        logger.warning("rank %d: %s holds no RNG state for %s of this rank (written by %s "
-                       "ranks): seeded with %d instead, so dropout differs from an unbroken run",
-                       rank, path, "/".join(missing), _state(path).get("world_size", "?"), seed)
-
-
-def _state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE_FILE).read_text())
+        written = len(list(path.glob("rng-rank*.safetensors")))
+        logger.warning("rank %d: %s holds no RNG state for this rank's %s (it has %d rank(s)' "
+                       "states): seeded with %d instead, so dropout differs from an unbroken run",
+                       rank, path, " and ".join(missing), written, seed)
 
 
 @contextmanager
@@ -264,9 +268,7 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             with _quiet():
                 dcp.save(_training_state(model, optimizer), no_dist=not collective,
                          storage_writer=dcp.FileSystemWriter(tmp / SHARDED_DIR))
-            save_file(rng, str(tmp / rng_file(rank)))
-            with open(tmp / rng_file(rank), "rb") as f:
-                os.fsync(f.fileno())
+            write_rng(tmp, rank, rng)
         except Exception as e:  # noqa: BLE001
             error = e
         _agree(error, device, collective)

@@ -139,6 +139,8 @@ def check_trainer(out: Path, rank: int, reference_checkpoint: str) -> None:
     resumed = {"resume": reference_checkpoint, "micro_batch_size": 3}
     for name, extra in (("scratch", {}), ("resumed", resumed)):
         trainer = Trainer(trainer_config(out / name, **extra))
+        if name == "resumed":  # rank 0 restores the checkpoint's RNG state, rank 1 has none
+            torch.save(torch.get_rng_state(), out / f"resumed_rng_rank{rank}.pt")
         trainer.train()
         weights = {n: p.detach().clone() for n, p in trainer.encoder.named_parameters()
                    if p.requires_grad}
@@ -188,6 +190,10 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
                    if p.requires_grad}
         torch.save(weights, out / f"{name}_weights_rank{rank}.pt")
         if name == "fsdp":
+            moments = {f"{n}::{k}": full_tensor(v).clone()
+                       for n, p in enc.named_parameters() if p.requires_grad
+                       for k, v in trainer.optimizer.state[p].items()}
+            torch.save(moments, out / f"fsdp_moments_rank{rank}.pt")
             held = sum(p.to_local().numel() for p in enc.parameters())
             total = sum(p.numel() for p in enc.parameters())
             texts = TEXTS + [t + " and a grey triangle" for t in TEXTS]

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmlib.checkpoint import read_full
 from mmlib.data import LengthBucketSampler
@@ -28,6 +29,7 @@ from mmlib.distributed import (
 from tests._dist_worker import (
     LOSS,
     REPO,
+    TEXTS,
     WORLD,
     grads,
     lora_trainer_config,
@@ -257,9 +259,14 @@ def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
         assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
 
 
-def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
-    """Step 1 by one process, step 2 by two ranks (GradCache on) resumed from its checkpoint
-    == 2 single-process steps."""
+def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run, tmp_path):
+    """Step 1 by one process, step 2 by two ranks (GradCache on) resumed from its checkpoint,
+    and step 1 by two ranks, step 2 by one process == 2 single-process steps. Each rank of a
+    checkpoint keeps its own RNG state: rank 0 restores it, rank 1 of 2 resuming a one-process
+    checkpoint is seeded from (seed, step, rank)."""
+    from mmlib.checkpoint import fallback_seed, rng_file
+    from mmlib.train import Trainer
+
     expected = read_full(reference_run / "checkpoint-000002")
     for r in range(WORLD):
         _assert_weights_close(load(dist_run / f"resumed_weights_rank{r}.pt"), expected,
@@ -267,6 +274,20 @@ def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
     (loss1, norm1), = _metrics(reference_run)[1:]
     (loss2, norm2), = _metrics(dist_run / "resumed")
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+    saved = load_file(str(reference_run / "checkpoint-000001" / rng_file(0)))
+    assert torch.equal(load(dist_run / "resumed_rng_rank0.pt"), saved["cpu"])
+    seeded = torch.Generator().manual_seed(fallback_seed(0, 1, 1)).get_state()
+    assert torch.equal(load(dist_run / "resumed_rng_rank1.pt"), seeded)
+
+    two_ranks = dist_run / "scratch" / "checkpoint-000001"
+    assert json.loads((two_ranks / "state.json").read_text())["world_size"] == WORLD
+    one = Trainer(trainer_config(tmp_path / "one", resume=str(two_ranks)))
+    assert torch.equal(torch.get_rng_state(), load_file(str(two_ranks / rng_file(0)))["cpu"])
+    one.train()
+    _assert_weights_close({n: p.detach() for n, p in one.encoder.named_parameters()
+                           if p.requires_grad}, expected, "one process resumed from 2 ranks")
+    (loss3, norm3), = _metrics(tmp_path / "one")
+    assert loss3 == pytest.approx(loss1, rel=1e-5) and norm3 == pytest.approx(norm1, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- FSDP (sharded)
@@ -341,6 +362,27 @@ def test_fsdp_outputs_load_in_one_process(dist_run, reference_run, tmp_path):
     expected = read_full(reference_run / "checkpoint-000002")
     _assert_weights_close(resumed, expected, "one process resumed from an FSDP checkpoint",
                           FSDP_WEIGHT_ATOL)
+
+
+def test_fsdp_checkpoint_converts_to_the_live_model(dist_run, tmp_path):
+    """The converter joins the ranks' shards into the whole weights and AdamW moments the
+    sharded run held, bit for bit; its encoder export loads with from_pretrained and embeds as
+    the run's final model does."""
+    from mmlib import MultimodalEncoder
+    from mmlib.checkpoint import convert, export
+
+    ckpt = dist_run / "fsdp" / "checkpoint-000002"
+    out = convert(ckpt, tmp_path / "one")
+    for name, expected in (("trainable", load(dist_run / "fsdp_weights_rank0.pt")),
+                           ("optimizer", load(dist_run / "fsdp_moments_rank0.pt"))):
+        got = load_file(out / f"{name}.safetensors")
+        assert got.keys() == expected.keys() and len(got) > 10, name
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), f"{name}: {k}"
+    texts = TEXTS[:3]
+    final = MultimodalEncoder.from_pretrained(dist_run / "fsdp" / "final")
+    exported = MultimodalEncoder.from_pretrained(export(ckpt, tmp_path / "encoder"))
+    assert torch.equal(exported.encode_texts(texts), final.encode_texts(texts))
 
 
 def test_fsdp_lora_with_checkpointing_equals_single_process(dist_run, tmp_path):
