@@ -310,36 +310,41 @@ def _check_fits(path: Path, metadata: Metadata, model: nn.Module, hint: str) -> 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
          hint: str = "") -> None:
     """Load checkpoint `path`'s weights and moments into `model` and `optimizer`, resharded to
-    this run's layout (a collective under torchrun). This run keeps its own hyper-parameters;
-    a parameter without saved moments gets none (as before its first update)."""
+    this run's layout (a collective under torchrun). Saved weights of parameters frozen in
+    this run load too; this run keeps its own hyper-parameters; a parameter without saved
+    moments gets none (as before its first update)."""
     path = Path(path)
     metadata = read_metadata(path)
     _check_fits(path, metadata, model, hint)
-    collective = dist.is_available() and dist.is_initialized()
     saved = metadata.state_dict_metadata
-    if not any(k.startswith(OPTIM + ".") for k in saved):  # written before the first step
-        weights = get_model_state_dict(model, options=_OPTIONS)
-        with _quiet():
-            dcp.load({MODEL: weights}, storage_reader=SafeReader(path / SHARDED_DIR),
-                     no_dist=not collective)
-        set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
-        optimizer.state.clear()
-        return
-    weights, optim = get_state_dict(model, optimizer, options=_OPTIONS)  # zero moments, step 1
-    moments = {name: entry for name, entry in optim["state"].items()
-               if all(_optim_key(name, k) in saved for k in entry)}
-    for name, entry in moments.items():
-        for key, value in entry.items():
-            if not isinstance(saved[_optim_key(name, key)], TensorStorageMetadata) or (
-                    torch.is_tensor(value) and saved[_optim_key(name, key)].size != value.shape):
-                raise ValueError(f"checkpoint {path}: optimizer state {name}.{key} does not fit "
-                                 f"this model; {hint}")
+    has_moments = any(k.startswith(OPTIM + ".") for k in saved)
+    if has_moments:
+        weights, optim = get_state_dict(model, optimizer)  # initialises moments: zeros, step 1
+        moments = {name: entry for name, entry in optim["state"].items()
+                   if all(_optim_key(name, k) in saved for k in entry)}
+        for name, entry in moments.items():
+            for key, value in entry.items():
+                md = saved[_optim_key(name, key)]
+                if not isinstance(md, TensorStorageMetadata) or md.size != value.shape:
+                    raise ValueError(f"checkpoint {path}: optimizer state {name}.{key} does not "
+                                     f"fit this model; {hint}")
+    else:  # written before the first step
+        weights, moments = get_model_state_dict(model), {}
+    weights = {k: v for k, v in weights.items() if f"{MODEL}.{k}" in saved}
     with _quiet():
-        dcp.load({MODEL: weights, OPTIM: {"state": moments}}, no_dist=not collective,
+        dcp.load({MODEL: weights, OPTIM: {"state": moments}}, no_dist=not _distributed(),
                  storage_reader=SafeReader(path / SHARDED_DIR))
-    set_state_dict(model, optimizer, model_state_dict=weights,
-                   optim_state_dict={"state": moments, "param_groups": optim["param_groups"]},
-                   options=StateDictOptions(strict=False))  # frozen weights are not in it
+    options = StateDictOptions(strict=False)  # weights frozen in both runs are not in it
+    if has_moments:
+        set_state_dict(model, optimizer, model_state_dict=weights, options=options,
+                       optim_state_dict={"state": moments, "param_groups": optim["param_groups"]})
+    else:
+        set_model_state_dict(model, weights, options=options)
+        optimizer.state.clear()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 # -- one-process files ------------------------------------------------------------------------

@@ -184,3 +184,20 @@ def test_a_metadata_file_that_would_run_code_is_refused(learnable_run, tmp_path,
     with pytest.raises(CheckpointError, match=r"\.metadata is corrupt .*refusing builtins\.exec"):
         verify(bad)
     assert not (tmp_path / "ran").exists()
+
+
+def test_weights_frozen_on_resume_still_load(learnable_run, tmp_path):
+    """Resuming a full fine-tune with the vision tower frozen keeps its trained weights (they
+    are in the checkpoint), as the trainable ones; the frozen ones get no optimizer state."""
+    run, trained = learnable_run
+    resumed = Trainer(small_config(tmp_path, max_steps=3, learnable_temperature=True,
+                                   encoder={"freeze_backbone": "vision"},
+                                   resume=str(run / "checkpoint-000002")))
+    vision = [n for n, p in resumed.encoder.named_parameters() if not p.requires_grad]
+    assert vision and all(".visual." in n for n in vision)
+    for (n, p), q in zip(trained.encoder.named_parameters(), resumed.encoder.parameters(),
+                         strict=True):
+        assert torch.equal(p, q), n
+    assert all(not q.requires_grad or q in resumed.optimizer.state
+               for q in resumed.encoder.parameters())
+    resumed.close()
