@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from mmlib import MultimodalEncoder
 from mmlib.checkpoint import (
     SHARDED_DIR,
-    convert,
     export,
     fallback_seed,
     load_rng,
+    main,
     read_metadata,
     rng_state,
     verify,
@@ -139,9 +139,11 @@ def test_the_learnable_temperature_resumes(learnable_run, tmp_path):
                     assert torch.equal(v, resumed.optimizer.state[q][k]), f"{n}::{k}"
 
 
-def test_convert_gives_the_live_weights_and_moments(learnable_run, tmp_path):
+def test_convert_gives_the_live_weights_and_moments(learnable_run, tmp_path, capsys):
     run, trainer = learnable_run
-    out = convert(run / "checkpoint-000002", tmp_path / "one")
+    out = tmp_path / "one"
+    main(["convert", str(run / "checkpoint-000002"), str(out)])  # python -m mmlib.checkpoint
+    assert f"wrote {out}" in capsys.readouterr().out
     params = {n: p for n, p in trainer.encoder.named_parameters() if p.requires_grad}
     params |= {f"loss.{n}": p for n, p in trainer.loss_fn.named_parameters()}
     weights, moments = load_file(out / "trainable.safetensors"), load_file(
@@ -201,3 +203,13 @@ def test_weights_frozen_on_resume_still_load(learnable_run, tmp_path):
     assert all(not q.requires_grad or q in resumed.optimizer.state
                for q in resumed.encoder.parameters())
     resumed.close()
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_named(tmp_path):
+    old = tmp_path / "checkpoint-000004"
+    old.mkdir()
+    (old / "state.json").write_text('{"step": 4}')
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        (old / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"dcp/\.metadata is missing.*pre-DCP layout"):
+        verify(old)
