@@ -142,6 +142,9 @@ def check_trainer(out: Path, rank: int, reference_checkpoint: str) -> None:
         if name == "resumed":  # rank 0 restores the checkpoint's RNG state, rank 1 has none
             torch.save(torch.get_rng_state(), out / f"resumed_rng_rank{rank}.pt")
         trainer.train()
+        if name == "scratch":  # an error after step 2: rank 0 writes alone, rank 1 returns
+            trainer.out, trainer._saved_at = out / "alone", None
+            trainer._save_after(RuntimeError("a failure on one rank"))
         weights = {n: p.detach().clone() for n, p in trainer.encoder.named_parameters()
                    if p.requires_grad}
         torch.save(weights, out / f"{name}_weights_rank{rank}.pt")

@@ -259,6 +259,19 @@ def test_trainer_two_ranks_equal_single_process(dist_run, reference_run):
         assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
 
 
+def test_after_an_error_rank_0_writes_the_checkpoint_alone(dist_run):
+    """Without FSDP every rank holds every weight and moment: after an exception (when the
+    other ranks may be stuck in a collective) rank 0 writes the same checkpoint by itself."""
+    from mmlib.checkpoint import rng_file
+
+    alone, together = (dist_run / d / "checkpoint-000002" for d in ("alone", "scratch"))
+    for part in ("model", "optim"):
+        got, want = read_full(alone, part), read_full(together, part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert json.loads((alone / "state.json").read_text())["rng_files"] == [rng_file(0)]
+    assert not (alone / rng_file(1)).exists() and (together / rng_file(1)).exists()
+
+
 def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run, tmp_path):
     """Step 1 by one process, step 2 by two ranks (GradCache on) resumed from its checkpoint,
     and step 1 by two ranks, step 2 by one process == 2 single-process steps. Each rank of a
