@@ -18,10 +18,12 @@ from mmlib.checkpoint import (
     SHARDED_DIR,
     export,
     fallback_seed,
+    load,
     load_rng,
     main,
     read_metadata,
     rng_state,
+    save,
     verify,
     write_rng,
 )
@@ -213,3 +215,54 @@ def test_a_checkpoint_of_the_earlier_layout_is_named(tmp_path):
         (old / name).write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"dcp/\.metadata is missing.*pre-DCP layout"):
         verify(old)
+
+
+def toy(out: int = 3, extra: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, out)})
+    if extra:
+        model["loss"] = torch.nn.Linear(1, 1)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def toy_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model["encoder"](torch.ones(2, 4)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def toy_save(path, model, optimizer) -> None:
+    save(path, model, optimizer, {"step": 0}, rng_state(), rank=0, device=torch.device("cpu"),
+         collective=False)
+
+
+def test_a_checkpoint_before_the_first_step_has_no_moments_and_resumes_exactly(tmp_path):
+    """Saved before any update, a checkpoint holds the weights only (saving must not create
+    moments: a resumed AdamW would then take its first step as its second)."""
+    model, optimizer = toy()
+    toy_save(tmp_path / "c0", model, optimizer)
+    assert not optimizer.state
+    assert all(k.startswith("model.") for k in read_metadata(tmp_path / "c0").state_dict_metadata)
+    toy_step(model, optimizer)
+    other, other_optimizer = toy()
+    with torch.no_grad():
+        other["encoder"].weight.add_(1.0)  # loading must replace it
+    load(tmp_path / "c0", other, other_optimizer)
+    assert not other_optimizer.state
+    toy_step(other, other_optimizer)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_by_name(tmp_path):
+    model, optimizer = toy()
+    toy_step(model, optimizer)
+    toy_save(tmp_path / "c1", model, optimizer)
+    wider, wider_optimizer = toy(out=5)
+    with pytest.raises(ValueError, match=r"does not fit this model: \['encoder\.weight \(3, 4\) "
+                                         r"\(this model: \(5, 4\)\)'.*model_path='a'"):
+        load(tmp_path / "c1", wider, wider_optimizer, hint="it was written for model_path='a'")
+    more, more_optimizer = toy(extra=True)
+    with pytest.raises(ValueError, match=r"lacks trainable parameters \['loss\.bias', "
+                                         r"'loss\.weight'\].*freezing / LoRA"):
+        load(tmp_path / "c1", more, more_optimizer)
