@@ -73,6 +73,16 @@ def lora_trainer_config(output_dir: Path | str, **overrides):
     return cfg
 
 
+def counting_comms(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` and the collectives it ran: {op name: count}, e.g.
+    {"c10d._reduce_scatter_base_": 6} (torch's CommDebugMode sees c10d and functional ops)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        result = fn(*args, **kwargs)
+    return result, {str(op): n for op, n in comm.get_comm_counts().items()}
+
+
 # ----------------------------------------------------------------------------- the checks
 def check_toy_gather(out: Path, rank: int) -> None:
     """Unequal sizes (2 and 3 rows); a rank-dependent loss whose gradient is known by hand."""
@@ -80,9 +90,9 @@ def check_toy_gather(out: Path, rank: int) -> None:
 
     n = 2 + rank
     x = (torch.arange(n * 3, dtype=torch.float64).reshape(n, 3) + 100 * rank).requires_grad_()
-    y = all_gather_with_grad(x)
+    y, forward = counting_comms(all_gather_with_grad, x)
     c = torch.arange(15, dtype=torch.float64).reshape(5, 3)
-    ((rank + 1) * c * y).sum().backward()
+    _, backward = counting_comms(((rank + 1) * c * y).sum().backward)
     # gather_for_loss layout: row values encode (rank, kind, index); kind 0 query, 1 positive,
     # 2 extra. Rank r: B_r = 1 + r queries, X_r = 2 - r extra negatives (rank 1 passes them
     # through `extra`, rank 0 as target rows beyond B_r).
@@ -98,8 +108,8 @@ def check_toy_gather(out: Path, rank: int) -> None:
     ids = gather_loss_ids(torch.tensor([10 * rank + i for i in range(b)]),
                           torch.tensor([100 * rank + k for k in range(xn)], dtype=torch.long),
                           torch.zeros(xn, dtype=torch.long))
-    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt, "ids": ids},
-               out / f"toy_rank{rank}.pt")
+    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt, "ids": ids,
+                "comms": {"forward": forward, "backward": backward}}, out / f"toy_rank{rank}.pt")
 
 
 def check_encoder_step(out: Path, rank: int) -> None:

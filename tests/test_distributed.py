@@ -163,6 +163,17 @@ def test_all_gather_with_grad_by_hand(dist_run):
         torch.testing.assert_close(got["grad"], 3 * c[rows[r]], rtol=0, atol=0)
 
 
+def test_all_gather_with_grad_backward_is_one_reduce_scatter(dist_run):
+    """The gather's backward sends each rank only its rows' gradient summed over ranks (one
+    reduce-scatter), not the whole gathered gradient to every rank (an all-reduce: W x the
+    data); the forward is one all-gather besides the small size exchange."""
+    for r in range(WORLD):
+        comms = load(dist_run / f"toy_rank{r}.pt")["comms"]
+        assert comms["backward"] == {"c10d_functional.reduce_scatter_tensor": 1}, comms
+        gathers = {k: v for k, v in comms["forward"].items() if "gather" in k}
+        assert sum(comms["forward"].values()) == 2 and len(gathers) == 2, comms
+
+
 def test_gather_for_loss_layout(dist_run):
     """[all queries]; [all positives in rank order, then all extra negatives in rank order]."""
     def rows(spec):
