@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "shard_encoder"]
+__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "set_gradient_sync",
+           "shard_encoder"]
 
 
 def _dtensor_type() -> type:
@@ -64,6 +65,22 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
     # The root gathers what is left; it stays gathered from forward to backward by default.
     fully_shard(encoder, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return encoder
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Whether the next backward passes reduce-scatter the gradients of a sharded `module`
+    (a no-op for any other module).
+
+    Off, each rank adds every backward pass's gradients to whole, unsharded ones (in fp32)
+    and communicates nothing; the first backward with it on reduce-scatters the sum. Several
+    backward passes per step (accumulation, GradCache) then cost one reduce-scatter per
+    unit instead of one per pass, but hold the trainable parameters' full gradients
+    between passes (4 bytes per parameter on every rank).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +77,14 @@ from mmlib.distributed import (
 )
 from mmlib.encoder import MultimodalEncoder
 from mmlib.evaluation import evaluate_dataset
-from mmlib.fsdp import full_state_dict, full_tensor, load_full_tensor, shard_encoder
-from mmlib.gradcache import gradcache_step, split_batch
+from mmlib.fsdp import (
+    full_state_dict,
+    full_tensor,
+    load_full_tensor,
+    set_gradient_sync,
+    shard_encoder,
+)
+from mmlib.gradcache import backward_outputs, detach_outputs, gradcache_step, split_batch
 from mmlib.losses import (
     ContrastiveLossWithHardNegatives,
     LearnableTemperature,
@@ -131,6 +137,9 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
+    # fsdp with several backward passes a step (accumulation, GradCache): reduce-scatter after
+    # each (less memory) instead of once after the last (holds whole fp32 gradients between)
+    fsdp_sync_every_backward: bool = False
     progress: bool = True
     overwrite: bool = False  # a fresh run may replace the outputs of an earlier run in output_dir
     # "no_duplicates": shuffled, no image or caption twice in a batch; "length_grouped": batches
@@ -164,6 +173,9 @@ class TrainConfig:
             require_str(name, getattr(self, name), optional=True)
         if self.batch_sampler not in BATCH_SAMPLERS:
             raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {self.batch_sampler!r}")
+        if self.fsdp_sync_every_backward and not self.fsdp:
+            raise ValueError("fsdp_sync_every_backward is an option of fsdp=true; set fsdp: true "
+                             "or drop it")
 
     def _check_loss_fields(self) -> None:
         """Raise ValueError naming a bad or contradictory loss setting."""
@@ -484,8 +496,10 @@ class Trainer:
         self._details.append({loss_metric_name(k): v for k, v in details.items()})
         return loss
 
-    def _batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward + backward of one batch (divided by the accumulation count)."""
+    def _batch_loss(self, batch: dict[str, Any],
+                    before_last_backward: Callable[[], None] | None = None) -> torch.Tensor:
+        """Forward + backward of one batch (divided by the accumulation count);
+        `before_last_backward` runs just before its last backward pass."""
         accum = self.config.encoder.grad_accum_steps
         guide = self._guide_embeddings(batch)
 
@@ -500,23 +514,35 @@ class Trainer:
         if mb is not None and mb < batch["query"]["input_ids"].shape[0]:
             return gradcache_step(self.encoder, batch["query"], batch["target"], loss_fn, mb,
                                   extra_targets=batch["hard_negatives"],
-                                  scale=self.scaler.scale, align=align) * accum
-        q = self._embed(batch["query"])
-        targets = [self._embed(batch["target"])]
+                                  scale=self.scaler.scale, align=align,
+                                  before_last_backward=before_last_backward) * accum
+        outputs = [self._embed(batch["query"]), self._embed(batch["target"])]
         hard = batch["hard_negatives"]
         any_hard = align([hard is not None])[0] if align is not None else hard is not None
         if hard is not None:
-            targets.append(self._embed(hard))
+            outputs.append(self._embed(hard))
         elif any_hard:
             # Another rank embeds hard negatives: run a one-row dummy in the same place and keep
             # none of its rows (zero gradient, same graph shape, so the same collectives).
-            targets.append(self._embed(split_batch(batch["target"], 1)[0])[:0])
+            outputs.append(self._embed(split_batch(batch["target"], 1)[0]))
+        # The pass that reduce-scatters under FSDP (train_step) must call each unit once: a
+        # unit run by several calls in one backward pass reduce-scatters at each call's end
+        # (the earlier passes' gradients with the first). So then the loss's gradient goes
+        # back through each encoder call in its own pass.
+        leaves = detach_outputs(outputs) if before_last_backward is not None else outputs
+        q, *targets = leaves
+        if hard is None and any_hard:
+            dummy = targets.pop()
+            targets.append({k: v[:0] for k, v in dummy.items()} if isinstance(dummy, dict)
+                           else dummy[:0])
         if isinstance(q, dict):
             t = {k: torch.cat([x[k] for x in targets]) for k in q}
         else:
             t = torch.cat(targets)
         loss = loss_fn(q, t)
         self.scaler.scale(loss).backward()
+        if leaves is not outputs:
+            backward_outputs(outputs, leaves, before_last_backward)
         return loss.detach() * accum
 
     def _loss_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -528,7 +554,13 @@ class Trainer:
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._details = []
-        losses = [self._batch_loss(b) for b in batches]
+        # Under FSDP the gradients of all backward passes are summed unsharded and
+        # reduce-scattered once, in the last pass (mmlib.fsdp.set_gradient_sync).
+        defer = self.config.fsdp and not self.config.fsdp_sync_every_backward
+        set_gradient_sync(self.encoder, not defer)
+        sync = functools.partial(set_gradient_sync, self.encoder, True) if defer else None
+        losses = [self._batch_loss(b, sync if i == len(batches) - 1 else None)
+                  for i, b in enumerate(batches)]
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         params += list(self._loss_parameters().values())
         if self.dist.enabled and not self.config.fsdp:  # FSDP's reduce-scatter averages itself

@@ -206,6 +206,38 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
                        out / f"fsdp_rank{rank}.pt")
 
 
+def accum_trainer_config(output_dir: Path | str, **overrides):
+    """One optimizer step of 2 accumulated batches (no checkpoint, no evaluation)."""
+    cfg = trainer_config(output_dir, max_steps=1, save_every=0, **overrides)
+    cfg.encoder = cfg.encoder.replace(grad_accum_steps=2)
+    return cfg
+
+
+def check_fsdp_grad_sync(out: Path, rank: int) -> None:
+    """FSDP reduce-scatters counted over one step of 2 accumulated batches, plain and with
+    GradCache (several backward passes per batch), and the step's (clipped) gradients."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mmlib.fsdp import full_tensor
+    from mmlib.train import Trainer
+
+    result = {}
+    every = {"micro_batch_size": 2, "fsdp_sync_every_backward": True}  # the old way
+    for name, extra in (("plain", {}), ("gradcache", {"micro_batch_size": 2}),
+                        ("gradcache_every", every)):
+        trainer = Trainer(accum_trainer_config(out / f"sync_{name}", fsdp=True, **extra))
+        enc = trainer.encoder
+        stats, comms = counting_comms(trainer.train_step, trainer._next_batches())
+        trainer.close()
+        result[name] = {
+            "reduce_scatters": comms.get("c10d._reduce_scatter_base_", 0),
+            "units": sum(isinstance(m, FSDPModule) for m in enc.modules()),
+            "stats": stats,
+            "grads": {n: full_tensor(p.grad).clone() for n, p in enc.named_parameters()
+                      if p.grad is not None}}
+    torch.save(result, out / f"fsdp_grad_sync_rank{rank}.pt")
+
+
 def main() -> None:
     from mmlib.distributed import cleanup, init_distributed
 
@@ -217,7 +249,8 @@ def main() -> None:
         for name, fn in (("toy", lambda: check_toy_gather(out, info.rank)),
                          ("encoder", lambda: check_encoder_step(out, info.rank)),
                          ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint)),
-                         ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint))):
+                         ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint)),
+                         ("fsdp_grad_sync", lambda: check_fsdp_grad_sync(out, info.rank))):
             start = time.perf_counter()
             fn()
             print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)

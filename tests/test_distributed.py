@@ -29,6 +29,7 @@ from tests._dist_worker import (
     LOSS,
     REPO,
     WORLD,
+    accum_trainer_config,
     grads,
     lora_trainer_config,
     make_encoder,
@@ -373,6 +374,29 @@ def test_fsdp_lora_with_checkpointing_equals_single_process(dist_run, tmp_path):
                           atol=0)
 
 
+def test_fsdp_reduce_scatters_once_per_step(dist_run, tmp_path):
+    """One step of 2 accumulated batches, plain (2 backward passes) and with GradCache (one
+    per micro-batch): each FSDP unit's gradients are reduce-scattered once, after the last
+    backward pass; loss, gradient norm and clipped gradients equal one process's. With
+    fsdp_sync_every_backward each pass reduce-scatters (64 here, for 6 units), to the same
+    result."""
+    from mmlib.train import Trainer
+
+    single = Trainer(accum_trainer_config(tmp_path))
+    stats = single.train_step(single._next_batches())
+    single.close()
+    expected = grads(single.encoder)  # the step's clipped gradients (weights: see FSDP_WEIGHT_ATOL)
+    for r in range(WORLD):
+        for name, got in load(dist_run / f"fsdp_grad_sync_rank{r}.pt").items():
+            once = got["reduce_scatters"] == got["units"]
+            assert got["units"] >= 4 and once == (name != "gradcache_every"), (name, got)
+            for key in ("loss", "grad_norm"):
+                assert got["stats"][key] == pytest.approx(stats[key], rel=1e-5), (name, key)
+            assert got["grads"].keys() == expected.keys()
+            for n, g in expected.items():
+                assert_grad_close(got["grads"][n], g, f"{name} rank {r} {n}")
+
+
 def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
     from mmlib.fsdp import shard_encoder
     from mmlib.train import Trainer
@@ -383,3 +407,5 @@ def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
         Trainer(trainer_config(tmp_path, fsdp=True))
     with pytest.raises(RuntimeError, match="process group"):
         shard_encoder(make_encoder())
+    with pytest.raises(ValueError, match="fsdp_sync_every_backward is an option of fsdp=true"):
+        trainer_config(tmp_path, fsdp_sync_every_backward=True)
