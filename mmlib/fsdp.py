@@ -42,11 +42,15 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
     Call it after the weights are final on every rank (e.g. after `broadcast_parameters`)
     and before building the optimizer: parameters are replaced by sharded DTensors.
     `reshard_after_forward=False` keeps each layer gathered from forward to backward (more
-    memory, fewer all-gathers). Returns the encoder.
+    memory, fewer all-gathers). Under bf16 mixed precision the backbone's units are gathered
+    in bf16 (half the all-gather traffic and unsharded memory) and their gradients
+    reduce-scattered in fp32; the shards, the optimizer and the projection head stay fp32.
+    Returns the encoder.
     """
+    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("shard_encoder needs a process group: launch with torchrun "
@@ -59,11 +63,16 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
                          "(one model over several GPUs) cannot be combined with fsdp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     qwen = encoder.qwen
-    units = [*qwen.visual.blocks, *qwen.language_model.layers, encoder.projection]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The backbone would run in bf16 under autocast anyway; the head runs outside autocast in
+    # fp32 (its LayerNorm and L2 norm are where low precision hurts), so it keeps no policy.
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if encoder.amp_dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for unit in [*qwen.visual.blocks, *qwen.language_model.layers]:
+        fully_shard(unit, mp_policy=bf16, **kw)
+    fully_shard(encoder.projection, **kw)
     # The root gathers what is left; it stays gathered from forward to backward by default.
-    fully_shard(encoder, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(encoder, mp_policy=bf16, **kw)
     return encoder
 
 

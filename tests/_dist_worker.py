@@ -44,9 +44,10 @@ def raw_inputs() -> tuple[list[str], list[Image.Image], list[list[Image.Image]]]
     return TEXTS, images, extras
 
 
-def make_encoder() -> MultimodalEncoder:
+def make_encoder(**overrides) -> MultimodalEncoder:
     torch.manual_seed(0)
-    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=64, mrl_dims=(8, 16, None)))
+    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=64, mrl_dims=(8, 16, None),
+                                          **overrides))
     return enc.train()
 
 
@@ -206,6 +207,43 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
                        out / f"fsdp_rank{rank}.pt")
 
 
+def check_fsdp_bf16(out: Path, rank: int) -> None:
+    """bf16 mixed precision under FSDP: the parameter dtypes each unit computes with (seen
+    inside its forward), those of the shards and their gradients, and one step's loss and
+    gradients (queries: this rank's 4 captions, targets: their images)."""
+    from torch.distributed.tensor import DTensor
+
+    from mmlib.distributed import gather_for_loss
+    from mmlib.fsdp import full_tensor, shard_encoder
+
+    enc = shard_encoder(make_encoder(mixed_precision="bf16"))
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = sorted({str(p.dtype) for p in module.parameters()})
+        return hook
+
+    qwen = enc.qwen
+    parts = {"decoder layer": qwen.language_model.layers[0], "vision block": qwen.visual.blocks[0],
+             "token embedding (root)": qwen.get_input_embeddings(), "projection": enc.projection}
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in parts.items()]
+    texts, images, _ = raw_inputs()
+    rows = slice(4 * rank, 4 * rank + 4)
+    q, t = enc(**enc.tokenize(texts[rows])), enc(**enc.tokenize(images=images[rows]))
+    loss = LOSS(*gather_for_loss(q, t))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    params = list(enc.parameters())
+    torch.save({"inside_forward": seen, "embeddings": str(q.dtype),
+                "shards": sorted({str(p.dtype) for p in params}),
+                "all_sharded": all(isinstance(p, DTensor) for p in params),
+                "grads": {n: full_tensor(p.grad) for n, p in enc.named_parameters()
+                          if p.grad is not None},
+                "loss": loss.detach()}, out / f"fsdp_bf16_rank{rank}.pt")
+
+
 def accum_trainer_config(output_dir: Path | str, **overrides):
     """One optimizer step of 2 accumulated batches (no checkpoint, no evaluation)."""
     cfg = trainer_config(output_dir, max_steps=1, save_every=0, **overrides)
@@ -250,7 +288,8 @@ def main() -> None:
                          ("encoder", lambda: check_encoder_step(out, info.rank)),
                          ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint)),
                          ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint)),
-                         ("fsdp_grad_sync", lambda: check_fsdp_grad_sync(out, info.rank))):
+                         ("fsdp_grad_sync", lambda: check_fsdp_grad_sync(out, info.rank)),
+                         ("fsdp_bf16", lambda: check_fsdp_bf16(out, info.rank))):
             start = time.perf_counter()
             fn()
             print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)
