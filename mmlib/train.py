@@ -203,9 +203,6 @@ class TrainConfig:
                 raise ValueError("loss=multilevel cannot run with micro_batch_size (GradCache "
                                  "caches one embedding per row, not one per layer): set "
                                  "micro_batch_size to null or use loss=mrl")
-            if self.fsdp:
-                raise ValueError("loss=multilevel is not supported with fsdp=true "
-                                 "(forward_layers bypasses the sharded forward); use loss=mrl")
         if self.fsdp and (self.learnable_temperature or self.guide == "frozen"):
             raise ValueError("fsdp=true supports neither learnable_temperature nor guide=frozen "
                              "(the temperature is not sharded, a frozen copy would be); turn them off")

@@ -251,6 +251,25 @@ def accum_trainer_config(output_dir: Path | str, **overrides):
     return cfg
 
 
+def trainer_step(config) -> dict:
+    """One optimizer step of a Trainer: its stats and (clipped, whole) gradients."""
+    from mmlib.fsdp import full_tensor
+    from mmlib.train import Trainer
+
+    trainer = Trainer(config)
+    stats = trainer.train_step(trainer._next_batches())
+    trainer.close()
+    return {"stats": stats, "grads": {n: full_tensor(p.grad).clone() for n, p in
+                                      trainer.encoder.named_parameters() if p.grad is not None}}
+
+
+def check_fsdp_multilevel(out: Path, rank: int) -> None:
+    """loss=multilevel (embeddings of several decoder layers, `forward_layers`) under FSDP."""
+    config = trainer_config(out / "multilevel", fsdp=True, loss="multilevel", max_steps=1,
+                            save_every=0)
+    torch.save(trainer_step(config), out / f"fsdp_multilevel_rank{rank}.pt")
+
+
 def check_fsdp_grad_sync(out: Path, rank: int) -> None:
     """FSDP reduce-scatters counted over one step of 2 accumulated batches, plain and with
     GradCache (several backward passes per batch), and the step's (clipped) gradients."""
@@ -289,7 +308,8 @@ def main() -> None:
                          ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint)),
                          ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint)),
                          ("fsdp_grad_sync", lambda: check_fsdp_grad_sync(out, info.rank)),
-                         ("fsdp_bf16", lambda: check_fsdp_bf16(out, info.rank))):
+                         ("fsdp_bf16", lambda: check_fsdp_bf16(out, info.rank)),
+                         ("fsdp_multilevel", lambda: check_fsdp_multilevel(out, info.rank))):
             start = time.perf_counter()
             fn()
             print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)

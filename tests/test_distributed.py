@@ -35,6 +35,7 @@ from tests._dist_worker import (
     make_encoder,
     raw_inputs,
     trainer_config,
+    trainer_step,
 )
 
 TIMEOUT_S = 300  # a hang (e.g. mismatched collectives) fails the test instead of blocking CI
@@ -424,6 +425,21 @@ def test_fsdp_bf16_gathers_bf16_and_keeps_fp32_shards(dist_run):
         whole = torch.stack([(got["grads"][n] - g).norm() for n, g in expected.items()]).norm()
         assert whole / torch.stack([g.norm() for g in expected.values()]).norm() < 0.03
         assert max(diff.values()) < 0.10, max(diff.items(), key=lambda kv: kv[1])
+
+
+def test_fsdp_multilevel_equals_single_process(dist_run, tmp_path):
+    """loss=multilevel under FSDP: forward_layers runs through the sharded root's forward
+    (whose pre-forward gathers the embeddings and final norm); one step's loss, per-layer
+    losses, gradient norm and clipped gradients equal one process's."""
+    expected = trainer_step(trainer_config(tmp_path, loss="multilevel", max_steps=1,
+                                           save_every=0))
+    assert any(k.startswith("loss@L-2@") for k in expected["stats"])
+    for r in range(WORLD):
+        got = load(dist_run / f"fsdp_multilevel_rank{r}.pt")
+        assert got["stats"] == pytest.approx(expected["stats"], rel=1e-5)
+        assert got["grads"].keys() == expected["grads"].keys()
+        for n, g in expected["grads"].items():
+            assert_grad_close(got["grads"][n], g, f"multilevel rank {r} {n}")
 
 
 def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
