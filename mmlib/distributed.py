@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,7 @@ __all__ = [
     "barrier",
     "broadcast_parameters",
     "cleanup",
+    "encode_sharded",
     "gather_for_loss",
     "gather_sizes",
     "init_distributed",
@@ -263,6 +266,32 @@ def gather_rows(x: Tensor) -> Tensor:
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+
+
+def encode_sharded(encoder: Any, texts: Sequence[Any] | None = None,
+                   images: Sequence[Any] | None = None, batch_size: int | None = None,
+                   **kwargs: Any) -> Tensor:
+    """`encoder.encode(texts, images, ...)` with each rank embedding a contiguous 1/W of the
+    inputs; every rank gets all the embeddings, in input order, on the CPU (a collective;
+    plain `encode` in a single process).
+
+    Under FSDP every forward is a collective, so all ranks run the same number: the shares
+    are padded to one length with copies of the last input (dropped after the gather), and
+    batches hold `batch_size` rows (default: the encoder's) instead of a token budget.
+    """
+    if not is_distributed():
+        return encoder.encode(texts, images, batch_size=batch_size, **kwargs)
+    n = len(texts if texts is not None else images)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = -(-n // world)
+    mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+
+    def pick(items: Sequence[Any] | None) -> list[Any] | None:
+        return None if items is None else [items[i] for i in mine]
+
+    emb = encoder.encode(pick(texts), pick(images), batch_size=batch_size or encoder.config.batch_size,
+                         max_tokens=sys.maxsize, **kwargs)
+    return gather_rows(emb.to(encoder.device))[:n].cpu()  # NCCL gathers GPU tensors only
 
 
 def gather_loss_ids(target_ids: Tensor, hard_negative_ids: Tensor,

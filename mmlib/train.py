@@ -69,6 +69,7 @@ from mmlib.distributed import (
     barrier,
     broadcast_parameters,
     cleanup,
+    encode_sharded,
     gather_for_loss,
     gather_loss_ids,
     init_distributed,
@@ -76,7 +77,7 @@ from mmlib.distributed import (
     max_over_ranks,
 )
 from mmlib.encoder import MultimodalEncoder
-from mmlib.evaluation import evaluate_dataset
+from mmlib.evaluation import evaluate_image_caption, evaluation_embeddings
 from mmlib.fsdp import (
     full_state_dict,
     full_tensor,
@@ -629,9 +630,8 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.config
-        main = self.dist.is_main  # only rank 0 writes files, logs and evaluates
-        # Under FSDP every forward needs every rank (to gather the layers): all ranks evaluate.
-        evaluates = (main or cfg.fsdp) and self.eval_set is not None
+        main = self.dist.is_main  # only rank 0 writes files and logs
+        evaluates = self.eval_set is not None  # every rank embeds its share (see evaluate)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "train_config.yaml",
@@ -658,7 +658,7 @@ class Trainer:
                                   "elapsed_s": round(time.perf_counter() - start, 3)})
                     if (cfg.eval_every and self.step % cfg.eval_every == 0
                             and self.step < cfg.max_steps and evaluates):
-                        self.evaluate()  # the other ranks wait in their next collective
+                        self.evaluate()
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save_checkpoint()
                 self._stop_if_signalled()
@@ -681,10 +681,9 @@ class Trainer:
         del weights
         barrier()  # every rank returns once the final model is written
         result = {"train_time_s": train_time, "steps": self.step}
-        if evaluates:
-            if main:
-                df.to_csv(self.out / "eval.csv")
-                result["eval"] = df
+        if evaluates and main:
+            df.to_csv(self.out / "eval.csv")
+            result["eval"] = df
         return result
 
     # -- signals and failures ----------------------------------------------------------------
@@ -748,9 +747,18 @@ class Trainer:
                   f"resume with --set resume=auto (or resume={path})", file=sys.stderr)
 
     def evaluate(self):
-        """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame."""
-        df = evaluate_dataset(self.encoder, self.eval_set, dims=self.config.encoder.mrl_dims,
-                              show_progress=None if self.dist.is_main else False)
+        """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame.
+
+        Under torchrun every rank must call it: each embeds its 1/W share of the eval set
+        (`encode_sharded`), rank 0 computes the metrics and returns them, the others None."""
+        main = self.dist.is_main
+        encode = functools.partial(encode_sharded, self.encoder) if self.dist.enabled else None
+        texts, images, caption_image = evaluation_embeddings(
+            self.encoder, self.eval_set, show_progress=None if main else False, encode=encode)
+        if not main:
+            return None
+        df = evaluate_image_caption(texts, images, caption_image,
+                                    dims=self.config.encoder.mrl_dims)
         for dim, row in df.iterrows():
             self.log({"split": self.config.eval_split, "dim": int(dim),
                       **{k: round(float(v), 6) for k, v in row.items()}})

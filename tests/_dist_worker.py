@@ -144,10 +144,11 @@ def check_encoder_step(out: Path, rank: int) -> None:
 
 def check_trainer(out: Path, rank: int, reference_checkpoint: str) -> None:
     """2 steps from scratch, and step 2 resumed from a single-process checkpoint of step 1
-    (with GradCache micro-batches of 3 of each rank's 4 rows, which must not change a thing)."""
+    (with GradCache micro-batches of 3 of each rank's 4 rows, which must not change a thing,
+    and a final evaluation, sharded over the ranks)."""
     from mmlib.train import Trainer
 
-    resumed = {"resume": reference_checkpoint, "micro_batch_size": 3}
+    resumed = {"resume": reference_checkpoint, "micro_batch_size": 3, "eval_split": "validation"}
     for name, extra in (("scratch", {}), ("resumed", resumed)):
         trainer = Trainer(trainer_config(out / name, **extra))
         trainer.train()
@@ -202,9 +203,17 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
             held = sum(p.to_local().numel() for p in enc.parameters())
             total = sum(p.numel() for p in enc.parameters())
             texts = TEXTS + [t + " and a grey triangle" for t in TEXTS]
+            rows = []  # the rows of each forward of an evaluation
+            hook = enc.register_forward_pre_hook(
+                lambda m, args, kwargs, rows=rows: rows.append(kwargs["input_ids"].shape[0]),
+                with_kwargs=True)
+            df = trainer.evaluate()
+            hook.remove()
+            if df is not None:
+                df.to_csv(out / f"fsdp_eval_rank{rank}.csv")
             torch.save({"held": held, "total": total, "texts": texts,
-                        "embeddings": enc.encode_texts(texts, batch_size=4)},
-                       out / f"fsdp_rank{rank}.pt")
+                        "embeddings": enc.encode_texts(texts, batch_size=4),
+                        "eval_rows": rows}, out / f"fsdp_rank{rank}.pt")
 
 
 def check_fsdp_bf16(out: Path, rank: int) -> None:

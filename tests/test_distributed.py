@@ -282,6 +282,25 @@ def test_checkpoint_resumes_on_another_world_size(dist_run, reference_run):
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
 
 
+def test_data_parallel_evaluation_equals_single_process(dist_run, tmp_path):
+    """Two data-parallel ranks each embed half the eval set: the metrics rank 0 computes from
+    the gathered embeddings are one process's for the same final model."""
+    import pandas as pd
+
+    from mmlib import MultimodalEncoder
+    from mmlib.data import ImageTextDataset
+    from mmlib.evaluation import evaluate_dataset
+
+    cfg = trainer_config(tmp_path)
+    loaded = MultimodalEncoder.from_pretrained(dist_run / "resumed" / "final")
+    expected = evaluate_dataset(loaded, ImageTextDataset(cfg.manifest, split="validation"),
+                                dims=cfg.encoder.mrl_dims)
+    got = pd.read_csv(dist_run / "resumed" / "eval.csv", index_col=0)
+    assert list(got.index) == list(expected.index)
+    for col in expected.columns:
+        assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), abs=1e-6), col
+
+
 # --------------------------------------------------------------------------- FSDP (sharded)
 def test_fsdp_encoder_step_equals_single_process(dist_run, single_process_step):
     """A sharded encoder's gradients (gathered whole) are the single process's, plain and with
@@ -354,6 +373,20 @@ def test_fsdp_outputs_load_in_one_process(dist_run, reference_run, tmp_path):
     expected = load_file(str(reference_run / "checkpoint-000002" / "trainable.safetensors"))
     _assert_weights_close(resumed, expected, "one process resumed from an FSDP checkpoint",
                           FSDP_WEIGHT_ATOL)
+
+
+def test_fsdp_evaluation_is_sharded(dist_run):
+    """Under FSDP each rank embeds half the eval set (361 captions and 89 images, each
+    share padded to 181 + 45 rows) in the same number of forwards (each a collective); rank
+    0 alone computes the metrics: eval.csv's (equal to one process's, see above)."""
+    import pandas as pd
+
+    rows = [load(dist_run / f"fsdp_rank{r}.pt")["eval_rows"] for r in range(WORLD)]
+    assert [sum(r) for r in rows] == [181 + 45] * WORLD, rows
+    assert len(rows[0]) == len(rows[1]) and max(rows[0]) <= 8  # encoder.batch_size rows
+    assert not (dist_run / "fsdp_eval_rank1.csv").exists()
+    again = pd.read_csv(dist_run / "fsdp_eval_rank0.csv", index_col=0)
+    pd.testing.assert_frame_equal(again, pd.read_csv(dist_run / "fsdp" / "eval.csv", index_col=0))
 
 
 def test_fsdp_lora_with_checkpointing_equals_single_process(dist_run, tmp_path):
