@@ -52,8 +52,8 @@ __all__ = [
     "shard_batch",
 ]
 
-# Rank 0 evaluates and writes checkpoints while the other ranks wait in their next collective;
-# torch's default NCCL timeout (10 min) would kill a long evaluation, so allow 30 min.
+# Rank 0 writes checkpoints and computes evaluation metrics while the other ranks wait in their
+# next collective; torch's default NCCL timeout (10 min) would kill a long one, so allow 30 min.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 

@@ -5,8 +5,10 @@
 Data parallelism (mmlib/distributed.py) keeps a whole copy of the weights, gradients and
 AdamW moments on every rank. With `fsdp=true` every rank keeps 1/W of each of them instead
 (torch's `fully_shard`): a decoder layer or vision block is all-gathered just before its
-forward (and again before its backward) and freed right after, and its gradients are
-reduce-scattered so each rank updates only its own shard. The training *maths* does not
+forward (and again before its backward) and freed right after (in bf16 under bf16 mixed
+precision), and its gradients are reduce-scattered, once per optimizer step however many
+backward passes it takes (`set_gradient_sync`), so each rank updates only its own shard
+(see docs/distributed.md, "What a step communicates"). The training *maths* does not
 change: embeddings are still gathered across ranks so the global batch supplies the
 negatives, and FSDP's reduce-scatter averages the gradients over ranks exactly as
 `average_gradients` does, so a step equals the single-process step on the global batch
