@@ -523,10 +523,10 @@ class Trainer:
             # Another rank embeds hard negatives: run a one-row dummy in the same place and keep
             # none of its rows (zero gradient, same graph shape, so the same collectives).
             outputs.append(self._embed(split_batch(batch["target"], 1)[0]))
-        # The pass that reduce-scatters under FSDP (train_step) must call each unit once: a
-        # unit run by several calls in one backward pass reduce-scatters at each call's end
-        # (the earlier passes' gradients with the first). So then the loss's gradient goes
-        # back through each encoder call in its own pass.
+        # Under FSDP the batch that reduce-scatters (the step's last, see train_step) sends the
+        # loss's gradient back through each encoder call in its own pass: a unit used by
+        # several calls of one pass would reduce-scatter at each call's end (the earlier
+        # passes' gradients with the first), not once.
         leaves = detach_outputs(outputs) if before_last_backward is not None else outputs
         q, *targets = leaves
         if hard is None and any_hard:
