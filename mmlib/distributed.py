@@ -289,8 +289,9 @@ def encode_sharded(encoder: Any, texts: Sequence[Any] | None = None,
     def pick(items: Sequence[Any] | None) -> list[Any] | None:
         return None if items is None else [items[i] for i in mine]
 
-    emb = encoder.encode(pick(texts), pick(images), batch_size=batch_size or encoder.config.batch_size,
-                         max_tokens=sys.maxsize, **kwargs)
+    rows = batch_size or encoder.config.batch_size
+    emb = encoder.encode(pick(texts), pick(images), batch_size=rows, max_tokens=sys.maxsize,
+                         **kwargs)
     return gather_rows(emb.to(encoder.device))[:n].cpu()  # NCCL gathers GPU tensors only
 
 

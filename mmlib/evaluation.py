@@ -182,7 +182,8 @@ def evaluate_dataset(encoder: MultimodalEncoder, dataset: Any, dims: Sequence[in
 
 
 def evaluation_embeddings(encoder: MultimodalEncoder, dataset: Any, batch_size: int | None = None,
-                          show_progress: bool | None = None, encode: Callable[..., Tensor] | None = None
+                          show_progress: bool | None = None,
+                          encode: Callable[..., Tensor] | None = None,
                           ) -> tuple[Tensor, Tensor, list[int]]:
     """``(caption embeddings, unique-image embeddings, caption_image)`` as `evaluate_dataset`
     embeds them (full width, prompts by role); ``encode(texts=... | images=..., **kwargs)``

@@ -67,14 +67,14 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
     qwen = encoder.qwen
     # The backbone would run in bf16 under autocast anyway; the head runs outside autocast in
     # fp32 (its LayerNorm and L2 norm are where low precision hurts), so it keeps no policy.
-    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if encoder.amp_dtype == torch.bfloat16 else MixedPrecisionPolicy()
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     for unit in [*qwen.visual.blocks, *qwen.language_model.layers]:
-        fully_shard(unit, mp_policy=bf16, **kw)
+        fully_shard(unit, mp_policy=policy, **kw)
     fully_shard(encoder.projection, **kw)
     # The root gathers what is left; it stays gathered from forward to backward by default.
-    fully_shard(encoder, mp_policy=bf16, **kw)
+    fully_shard(encoder, mp_policy=policy, **kw)
     return encoder
 
 
