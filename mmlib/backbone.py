@@ -41,12 +41,16 @@ def resolve_device(config: EncoderConfig) -> torch.device:
 
 
 def resolve_dtype(config: EncoderConfig, device: torch.device) -> torch.dtype:
-    """Weight dtype. `auto`: fp32 on CPU; bf16 on GPU when the backbone's own weights do not
-    train (LoRA or fully frozen), fp32 master weights otherwise (AMP computes in bf16)."""
+    """Weight dtype. `auto`: fp32 on CPU; on GPU, when the backbone's own weights do not train
+    (LoRA or fully frozen), the autocast dtype (bf16, or fp16 on GPUs without bf16; fp32 with
+    mixed precision off); fp32 master weights otherwise (AMP computes in half precision)."""
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
     if device.type == "cuda" and (config.use_lora or config.freeze_backbone == "all"):
-        return torch.bfloat16
+        # One dtype for weights and compute: bf16 weights under fp16 autocast (a V100 / T4)
+        # would be rounded to fp16 by every matmul and run the other ops in a dtype the GPU
+        # lacks.
+        return resolve_amp_dtype(config, device) or torch.float32
     return torch.float32
 
 

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.utils.data import Sampler
 
@@ -39,6 +42,7 @@ __all__ = [
     "barrier",
     "broadcast_parameters",
     "cleanup",
+    "encode_sharded",
     "gather_for_loss",
     "gather_sizes",
     "init_distributed",
@@ -48,8 +52,8 @@ __all__ = [
     "shard_batch",
 ]
 
-# Rank 0 evaluates and writes checkpoints while the other ranks wait in their next collective;
-# torch's default NCCL timeout (10 min) would kill a long evaluation, so allow 30 min.
+# Rank 0 writes checkpoints and computes evaluation metrics while the other ranks wait in their
+# next collective; torch's default NCCL timeout (10 min) would kill a long one, so allow 30 min.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -167,29 +171,6 @@ def max_over_ranks(values: Sequence[int], device: torch.device | str = "cpu") ->
     return local.tolist()
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """Forward: concatenate every rank's rows in rank order. Backward: sum the gradient over
-    ranks (all_reduce) and return this rank's rows (see the module docstring for why)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        ctx.sizes, ctx.rank = sizes, dist.get_rank()
-        x = x.contiguous()
-        longest = max(sizes)
-        if x.shape[0] < longest:  # all_gather needs equal shapes: pad, then cut the padding off
-            x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-        parts = [torch.empty_like(x) for _ in sizes]
-        dist.all_gather(parts, x)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous().clone()  # all_reduce works in place; never edit autograd's buffer
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None
-
-
 def all_gather_with_grad(x: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
     """(Σ_r B_r, ...) concatenation of every rank's (B_r, ...) tensor in rank order, with
     gradients flowing back to each rank's own rows (summed over the ranks' losses).
@@ -198,6 +179,16 @@ def all_gather_with_grad(x: Tensor, sizes: Sequence[int] | None = None) -> Tenso
     collective. A collective in forward *and* backward: every rank must call it the same
     number of times in the same order, and run backward through it if any rank does.
     Returns `x` itself in a single process.
+
+    torch's functional all-gather does the work: every rank pads its rows to the longest
+    B_r, and the backward of the gather is a reduce-scatter with SUM. The gathered E is used
+    by every rank's loss L_s, so ∂J/∂E = Σ_s ∂L_s/∂E (J = Σ_s L_s); rank r's rows e_r are
+    one block of E, so grad(e_r) = Σ_s (∂L_s/∂E)[rows of r]: exactly a reduce-scatter of the
+    ranks' gradients of E, each rank receiving its own block (padding rows get gradients
+    that are dropped). Since every rank computes the same global loss L, grad(e_r) =
+    W·∂L/∂e_r, and averaging the parameter gradients over ranks gives ∂L/∂θ, the
+    single-process gradient (see the module docstring). A reduce-scatter sends each rank
+    only its block, where an all-reduce of the whole gradient would send it all W blocks.
     """
     if x.ndim == 0:
         raise ValueError("all_gather_with_grad needs a tensor with a batch dim, got a scalar")
@@ -208,9 +199,14 @@ def all_gather_with_grad(x: Tensor, sizes: Sequence[int] | None = None) -> Tenso
     if len(sizes) != world or sizes[rank] != x.shape[0]:
         raise ValueError(f"sizes={list(sizes)} must give the rows of each of the {world} ranks; "
                          f"this rank (rank {rank}) has {x.shape[0]}")
-    if max(sizes) == 0:
+    longest = max(sizes)
+    if longest == 0:
         return x  # every rank is empty: nothing to exchange
-    return _AllGatherWithGrad.apply(x, sizes)
+    if x.shape[0] < longest:  # the gather needs equal shapes: pad, then cut the padding off
+        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    gathered = funcol.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    blocks = funcol.wait_tensor(gathered).view(world, longest, *x.shape[1:])
+    return torch.cat([blocks[r, :n] for r, n in enumerate(sizes)])
 
 
 def gather_for_loss(query: Tensor, target: Tensor,
@@ -270,6 +266,33 @@ def gather_rows(x: Tensor) -> Tensor:
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+
+
+def encode_sharded(encoder: Any, texts: Sequence[Any] | None = None,
+                   images: Sequence[Any] | None = None, batch_size: int | None = None,
+                   **kwargs: Any) -> Tensor:
+    """`encoder.encode(texts, images, ...)` with each rank embedding a contiguous 1/W of the
+    inputs; every rank gets all the embeddings, in input order, on the CPU (a collective;
+    plain `encode` in a single process).
+
+    Under FSDP every forward is a collective, so all ranks run the same number: the shares
+    are padded to one length with copies of the last input (dropped after the gather), and
+    batches hold `batch_size` rows (default: the encoder's) instead of a token budget.
+    """
+    if not is_distributed():
+        return encoder.encode(texts, images, batch_size=batch_size, **kwargs)
+    n = len(texts if texts is not None else images)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = -(-n // world)
+    mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+
+    def pick(items: Sequence[Any] | None) -> list[Any] | None:
+        return None if items is None else [items[i] for i in mine]
+
+    rows = batch_size or encoder.config.batch_size
+    emb = encoder.encode(pick(texts), pick(images), batch_size=rows, max_tokens=sys.maxsize,
+                         **kwargs)
+    return gather_rows(emb.to(encoder.device))[:n].cpu()  # NCCL gathers GPU tensors only
 
 
 def gather_loss_ids(target_ids: Tensor, hard_negative_ids: Tensor,

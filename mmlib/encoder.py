@@ -168,10 +168,14 @@ class MultimodalEncoder(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         dim: int | None = None,
-    ) -> torch.Tensor:
-        """(B, E) L2-normalised embeddings of a processor batch, with gradients (float32)."""
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """(B, E) L2-normalised embeddings of a processor batch, with gradients (float32);
+        with `layers`, {layer: (B, E)} (see `forward_layers`)."""
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                      image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids)
+        if layers is not None:
+            return self._layer_embeddings(batch, layers, dim)
         out, mask = self._hidden_states(batch)
         return self._embed(out.last_hidden_state, mask, dim, input_ids)
 
@@ -181,6 +185,12 @@ class MultimodalEncoder(nn.Module):
         projection: {layer: (B, E)}. Layer L is the output of decoder block L (1-based; -1 is
         the last). Intermediate layers go through the backbone's final RMSNorm first, so every
         level reaches the projection at the same scale (as the last layer does)."""
+        # Through __call__, as every forward: module hooks must run (under FSDP the root's
+        # pre-forward gathers the embeddings and the final norm).
+        return self(**{k: batch.get(k) for k in _MODEL_INPUTS}, dim=dim, layers=layers)
+
+    def _layer_embeddings(self, batch: dict[str, Any], layers: Sequence[int],
+                          dim: int | None) -> dict[int, torch.Tensor]:
         n_layers = self.qwen.config.text_config.num_hidden_layers
         resolved = {}
         for layer in layers:

@@ -22,7 +22,7 @@ of one image are not independent queries, so the q2t interval is somewhat too na
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -174,6 +174,21 @@ def evaluate_dataset(encoder: MultimodalEncoder, dataset: Any, dims: Sequence[in
     width. ``dims=None``: the encoder's ``mrl_dims``. Returns :func:`evaluate_image_caption`.
     """
     _check_protocol(ci, n_boot, ties)  # before the (slow) embedding
+    text_emb, image_emb, caption_image = evaluation_embeddings(encoder, dataset, batch_size,
+                                                               show_progress)
+    dims = list(dims) if dims is not None else list(encoder.config.resolved_mrl_dims())
+    return evaluate_image_caption(text_emb, image_emb, caption_image, dims=dims, ks=ks, ci=ci,
+                                  n_boot=n_boot, seed=seed, ties=ties)
+
+
+def evaluation_embeddings(encoder: MultimodalEncoder, dataset: Any, batch_size: int | None = None,
+                          show_progress: bool | None = None,
+                          encode: Callable[..., Tensor] | None = None,
+                          ) -> tuple[Tensor, Tensor, list[int]]:
+    """``(caption embeddings, unique-image embeddings, caption_image)`` as `evaluate_dataset`
+    embeds them (full width, prompts by role); ``encode(texts=... | images=..., **kwargs)``
+    replaces ``encoder.encode_texts`` / ``encode_images`` (e.g.
+    ``functools.partial(mmlib.distributed.encode_sharded, encoder)`` under torchrun)."""
     texts, image_ids = list(dataset.texts), list(dataset.image_ids)
     if len(texts) != len(image_ids):
         raise ValueError(f"dataset gives {len(texts)} texts but {len(image_ids)} image_ids; "
@@ -182,11 +197,14 @@ def evaluate_dataset(encoder: MultimodalEncoder, dataset: Any, dims: Sequence[in
     # Captions are the queries, images the documents: their prompts, when configured.
     prompts = getattr(getattr(encoder, "config", None), "prompts", None) or {}
     role = {r: {"prompt_name": r} if r in prompts else {} for r in ("query", "document")}
-    text_emb = encoder.encode_texts(texts, batch_size=batch_size, show_progress=show_progress,
-                                    **role["query"])
-    image_emb = encoder.encode_images([dataset.image_for(r) for r in first_rows],
-                                      batch_size=batch_size, show_progress=show_progress,
-                                      **role["document"])
-    dims = list(dims) if dims is not None else list(encoder.config.resolved_mrl_dims())
-    return evaluate_image_caption(text_emb, image_emb, caption_image, dims=dims, ks=ks, ci=ci,
-                                  n_boot=n_boot, seed=seed, ties=ties)
+
+    def embed(kind: str, items: list[Any], **kwargs: Any) -> Tensor:
+        if encode is None:  # encode_texts / encode_images: all a duck-typed encoder needs
+            return getattr(encoder, f"encode_{kind}")(items, **kwargs)
+        return encode(**{kind: items}, **kwargs)
+
+    text_emb = embed("texts", texts, batch_size=batch_size, show_progress=show_progress,
+                     **role["query"])
+    image_emb = embed("images", [dataset.image_for(r) for r in first_rows], batch_size=batch_size,
+                      show_progress=show_progress, **role["document"])
+    return text_emb, image_emb, caption_image

@@ -5,8 +5,10 @@
 Data parallelism (mmlib/distributed.py) keeps a whole copy of the weights, gradients and
 AdamW moments on every rank. With `fsdp=true` every rank keeps 1/W of each of them instead
 (torch's `fully_shard`): a decoder layer or vision block is all-gathered just before its
-forward (and again before its backward) and freed right after, and its gradients are
-reduce-scattered so each rank updates only its own shard. The training *maths* does not
+forward (and again before its backward) and freed right after (in bf16 under bf16 mixed
+precision), and its gradients are reduce-scattered, once per optimizer step however many
+backward passes it takes (`set_gradient_sync`), so each rank updates only its own shard
+(see docs/distributed.md, "What a step communicates"). The training *maths* does not
 change: embeddings are still gathered across ranks so the global batch supplies the
 negatives, and FSDP's reduce-scatter averages the gradients over ranks exactly as
 `average_gradients` does, so a step equals the single-process step on the global batch
@@ -27,7 +29,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "shard_encoder"]
+__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "set_gradient_sync",
+           "shard_encoder"]
 
 
 def _dtensor_type() -> type:
@@ -42,11 +45,15 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
     Call it after the weights are final on every rank (e.g. after `broadcast_parameters`)
     and before building the optimizer: parameters are replaced by sharded DTensors.
     `reshard_after_forward=False` keeps each layer gathered from forward to backward (more
-    memory, fewer all-gathers). Returns the encoder.
+    memory, fewer all-gathers). Under bf16 mixed precision the backbone's units are gathered
+    in bf16 (half the all-gather traffic and unsharded memory) and their gradients
+    reduce-scattered in fp32; the shards, the optimizer and the projection head stay fp32.
+    Returns the encoder.
     """
+    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("shard_encoder needs a process group: launch with torchrun "
@@ -59,12 +66,33 @@ def shard_encoder(encoder: nn.Module, reshard_after_forward: bool = True) -> nn.
                          "(one model over several GPUs) cannot be combined with fsdp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     qwen = encoder.qwen
-    units = [*qwen.visual.blocks, *qwen.language_model.layers, encoder.projection]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The backbone would run in bf16 under autocast anyway; the head runs outside autocast in
+    # fp32 (its LayerNorm and L2 norm are where low precision hurts), so it keeps no policy.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if encoder.amp_dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for unit in [*qwen.visual.blocks, *qwen.language_model.layers]:
+        fully_shard(unit, mp_policy=policy, **kw)
+    fully_shard(encoder.projection, **kw)
     # The root gathers what is left; it stays gathered from forward to backward by default.
-    fully_shard(encoder, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(encoder, mp_policy=policy, **kw)
     return encoder
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Whether the next backward passes reduce-scatter the gradients of a sharded `module`
+    (a no-op for any other module).
+
+    Off, each rank adds every backward pass's gradients to whole, unsharded ones (in fp32)
+    and communicates nothing; the first backward with it on reduce-scatters the sum. Several
+    backward passes per step (accumulation, GradCache) then cost one reduce-scatter per
+    unit instead of one per pass, but hold the trainable parameters' full gradients
+    between passes (4 bytes per parameter on every rank).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -90,18 +90,45 @@ def _embed(encoder: Callable[..., torch.Tensor], batches: Sequence[Batch],
     return torch.cat(embs), states
 
 
-def _backprop(encoder: Callable[..., torch.Tensor], batches: Sequence[Batch], states: list,
-              grad: torch.Tensor, dummies: int = 0) -> None:
-    start = 0
-    for mb, state in zip(batches, states, strict=True):
+def _passes(batches: Sequence[Batch], states: list, grad: torch.Tensor,
+            dummies: int = 0) -> list[tuple[Batch, _RngState, torch.Tensor | None]]:
+    """(micro-batch, RNG state, its rows of `grad`) per backward pass; dummies get None."""
+    rows = [mb["input_ids"].shape[0] for mb in batches]
+    out = list(zip(batches, states, grad.split(rows), strict=True))
+    return out + [(split_batch(batches[0], 1)[0], _RngState(), None)] * dummies
+
+
+def _backprop(encoder: Callable[..., torch.Tensor], passes: list,
+              before_last: Callable[[], None] | None = None) -> None:
+    for i, (mb, state, grad) in enumerate(passes):
         with state.replay():
             emb = encoder(**mb)
-        emb.backward(grad[start:start + emb.shape[0]].to(emb.dtype))
-        start += emb.shape[0]
-    for _ in range(dummies):  # a zero gradient: parameters unchanged, collectives matched
-        with _RngState().replay():
-            emb = encoder(**split_batch(batches[0], 1)[0])
-        emb.backward(torch.zeros_like(emb))
+        if before_last is not None and i == len(passes) - 1:
+            before_last()
+        # A dummy's gradient is zero: parameters unchanged, collectives matched.
+        emb.backward(torch.zeros_like(emb) if grad is None else grad.to(emb.dtype))
+
+
+def detach_outputs(outputs: Sequence[Any]) -> list[Any]:
+    """Each output (a tensor or a dict of tensors) detached as a leaf that requires grad: a
+    loss on these fills their `.grad` without back-propagating into the model."""
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().requires_grad_(True)
+    return [{k: leaf(v) for k, v in o.items()} if isinstance(o, dict) else leaf(o) for o in outputs]
+
+
+def backward_outputs(outputs: Sequence[Any], leaves: Sequence[Any],
+                     before_last: Callable[[], None] | None = None) -> None:
+    """One backward pass per output, each with its leaf's gradient (from `detach_outputs`,
+    after the loss's backward): the chain rule, as GradCache's re-embedding pass uses.
+    `before_last` is called just before the last pass."""
+    for i, (out, leaf) in enumerate(zip(outputs, leaves, strict=True)):
+        outs, ins = (list(out.values()), list(leaf.values())) if isinstance(out, dict) \
+            else ([out], [leaf])
+        grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in ins]
+        if before_last is not None and i == len(outputs) - 1:
+            before_last()
+        torch.autograd.backward(outs, grads)
 
 
 def gradcache_step(
@@ -113,6 +140,7 @@ def gradcache_step(
     extra_targets: Batch | None = None,
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
     align: Callable[[list[int]], list[int]] | None = None,
+    before_last_backward: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Loss of the full batch with parameter gradients accumulated micro-batch by micro-batch.
 
@@ -122,7 +150,9 @@ def gradcache_step(
     to the loss before its backward. `align` maps this process's micro-batch counts
     `[queries, targets]` to the counts to run (under FSDP: the maximum over ranks, since every
     rank must run every forward and backward); missing ones run a one-row dummy whose
-    gradient is zero. Returns the detached loss.
+    gradient is zero. `before_last_backward` is called just before the last backward pass
+    through the encoder (under FSDP: turn the gradient reduce-scatter back on). Returns the
+    detached loss.
     """
     q_batches = split_batch(query, micro_batch_size)
     t_batches = split_batch(target, micro_batch_size)
@@ -138,6 +168,7 @@ def gradcache_step(
     t.requires_grad_(True)
     loss = loss_fn(q, t)
     (scale(loss) if scale is not None else loss).backward()
-    _backprop(encoder, q_batches, q_states, q.grad, q_pad)
-    _backprop(encoder, t_batches, t_states, t.grad, t_pad)
+    passes = _passes(q_batches, q_states, q.grad, q_pad)
+    passes += _passes(t_batches, t_states, t.grad, t_pad)
+    _backprop(encoder, passes, before_last_backward)
     return loss.detach()

@@ -23,8 +23,8 @@ Under torchrun (`torchrun --nproc_per_node 8 -m mmlib.train --config ...`) `batc
 global batch: each rank embeds batch_size / W pairs, the embeddings are gathered with gradient
 so that every rank computes the loss of the whole global batch, gradients are averaged, and a
 step equals the single-process step on the same global batch (see mmlib/distributed.py). Rank
-0 logs and evaluates; every rank writes its own part of a checkpoint, which resumes on any
-world size.
+0 logs; evaluation is sharded (each rank embeds its share, rank 0 computes the metrics); every
+rank writes its own part of a checkpoint, which resumes on any world size.
 `fsdp: true` also shards weights, gradients and optimizer moments over the ranks, for models
 that do not fit one GPU (mmlib/fsdp.py); the step and the checkpoints stay the same.
 """
@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ from mmlib.distributed import (
     barrier,
     broadcast_parameters,
     cleanup,
+    encode_sharded,
     gather_for_loss,
     gather_loss_ids,
     init_distributed,
@@ -76,9 +77,14 @@ from mmlib.distributed import (
     max_over_ranks,
 )
 from mmlib.encoder import MultimodalEncoder
-from mmlib.evaluation import evaluate_dataset
-from mmlib.fsdp import full_state_dict, full_tensor, shard_encoder
-from mmlib.gradcache import gradcache_step, split_batch
+from mmlib.evaluation import evaluate_image_caption, evaluation_embeddings
+from mmlib.fsdp import (
+    full_state_dict,
+    full_tensor,
+    set_gradient_sync,
+    shard_encoder,
+)
+from mmlib.gradcache import backward_outputs, detach_outputs, gradcache_step, split_batch
 from mmlib.losses import (
     ContrastiveLossWithHardNegatives,
     LearnableTemperature,
@@ -131,6 +137,9 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
+    # fsdp with several backward passes a step (accumulation, GradCache): reduce-scatter after
+    # each (less memory) instead of once after the last (holds whole fp32 gradients between)
+    fsdp_sync_every_backward: bool = False
     progress: bool = True
     overwrite: bool = False  # a fresh run may replace the outputs of an earlier run in output_dir
     # "no_duplicates": shuffled, no image or caption twice in a batch; "length_grouped": batches
@@ -164,6 +173,9 @@ class TrainConfig:
             require_str(name, getattr(self, name), optional=True)
         if self.batch_sampler not in BATCH_SAMPLERS:
             raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {self.batch_sampler!r}")
+        if self.fsdp_sync_every_backward and not self.fsdp:
+            raise ValueError("fsdp_sync_every_backward is an option of fsdp=true; set fsdp: true "
+                             "or drop it")
 
     def _check_loss_fields(self) -> None:
         """Raise ValueError naming a bad or contradictory loss setting."""
@@ -191,9 +203,6 @@ class TrainConfig:
                 raise ValueError("loss=multilevel cannot run with micro_batch_size (GradCache "
                                  "caches one embedding per row, not one per layer): set "
                                  "micro_batch_size to null or use loss=mrl")
-            if self.fsdp:
-                raise ValueError("loss=multilevel is not supported with fsdp=true "
-                                 "(forward_layers bypasses the sharded forward); use loss=mrl")
         if self.fsdp and (self.learnable_temperature or self.guide == "frozen"):
             raise ValueError("fsdp=true supports neither learnable_temperature nor guide=frozen "
                              "(the temperature is not sharded, a frozen copy would be); turn them off")
@@ -471,8 +480,10 @@ class Trainer:
         self._details.append({loss_metric_name(k): v for k, v in details.items()})
         return loss
 
-    def _batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward + backward of one batch (divided by the accumulation count)."""
+    def _batch_loss(self, batch: dict[str, Any],
+                    before_last_backward: Callable[[], None] | None = None) -> torch.Tensor:
+        """Forward + backward of one batch (divided by the accumulation count);
+        `before_last_backward` runs just before its last backward pass."""
         accum = self.config.encoder.grad_accum_steps
         guide = self._guide_embeddings(batch)
 
@@ -487,23 +498,35 @@ class Trainer:
         if mb is not None and mb < batch["query"]["input_ids"].shape[0]:
             return gradcache_step(self.encoder, batch["query"], batch["target"], loss_fn, mb,
                                   extra_targets=batch["hard_negatives"],
-                                  scale=self.scaler.scale, align=align) * accum
-        q = self._embed(batch["query"])
-        targets = [self._embed(batch["target"])]
+                                  scale=self.scaler.scale, align=align,
+                                  before_last_backward=before_last_backward) * accum
+        outputs = [self._embed(batch["query"]), self._embed(batch["target"])]
         hard = batch["hard_negatives"]
         any_hard = align([hard is not None])[0] if align is not None else hard is not None
         if hard is not None:
-            targets.append(self._embed(hard))
+            outputs.append(self._embed(hard))
         elif any_hard:
             # Another rank embeds hard negatives: run a one-row dummy in the same place and keep
             # none of its rows (zero gradient, same graph shape, so the same collectives).
-            targets.append(self._embed(split_batch(batch["target"], 1)[0])[:0])
+            outputs.append(self._embed(split_batch(batch["target"], 1)[0]))
+        # Under FSDP the batch that reduce-scatters (the step's last, see train_step) sends the
+        # loss's gradient back through each encoder call in its own pass: a unit used by
+        # several calls of one pass would reduce-scatter at each call's end (the earlier
+        # passes' gradients with the first), not once.
+        leaves = detach_outputs(outputs) if before_last_backward is not None else outputs
+        q, *targets = leaves
+        if hard is None and any_hard:
+            dummy = targets.pop()
+            targets.append({k: v[:0] for k, v in dummy.items()} if isinstance(dummy, dict)
+                           else dummy[:0])
         if isinstance(q, dict):
             t = {k: torch.cat([x[k] for x in targets]) for k in q}
         else:
             t = torch.cat(targets)
         loss = loss_fn(q, t)
         self.scaler.scale(loss).backward()
+        if leaves is not outputs:
+            backward_outputs(outputs, leaves, before_last_backward)
         return loss.detach() * accum
 
     def _loss_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -515,7 +538,13 @@ class Trainer:
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._details = []
-        losses = [self._batch_loss(b) for b in batches]
+        # Under FSDP the gradients of all backward passes are summed unsharded and
+        # reduce-scattered once, in the last pass (mmlib.fsdp.set_gradient_sync).
+        defer = self.config.fsdp and not self.config.fsdp_sync_every_backward
+        set_gradient_sync(self.encoder, not defer)
+        sync = functools.partial(set_gradient_sync, self.encoder, True) if defer else None
+        losses = [self._batch_loss(b, sync if i == len(batches) - 1 else None)
+                  for i, b in enumerate(batches)]
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         params += list(self._loss_parameters().values())
         if self.dist.enabled and not self.config.fsdp:  # FSDP's reduce-scatter averages itself
@@ -586,9 +615,8 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.config
-        main = self.dist.is_main  # only rank 0 writes files, logs and evaluates
-        # Under FSDP every forward needs every rank (to gather the layers): all ranks evaluate.
-        evaluates = (main or cfg.fsdp) and self.eval_set is not None
+        main = self.dist.is_main  # only rank 0 writes files and logs
+        evaluates = self.eval_set is not None  # every rank embeds its share (see evaluate)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "train_config.yaml",
@@ -615,7 +643,7 @@ class Trainer:
                                   "elapsed_s": round(time.perf_counter() - start, 3)})
                     if (cfg.eval_every and self.step % cfg.eval_every == 0
                             and self.step < cfg.max_steps and evaluates):
-                        self.evaluate()  # the other ranks wait in their next collective
+                        self.evaluate()
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save_checkpoint()
                 self._stop_if_signalled()
@@ -638,10 +666,9 @@ class Trainer:
         del weights
         barrier()  # every rank returns once the final model is written
         result = {"train_time_s": train_time, "steps": self.step}
-        if evaluates:
-            if main:
-                df.to_csv(self.out / "eval.csv")
-                result["eval"] = df
+        if evaluates and main:
+            df.to_csv(self.out / "eval.csv")
+            result["eval"] = df
         return result
 
     # -- signals and failures ----------------------------------------------------------------
@@ -707,9 +734,18 @@ class Trainer:
                   f"resume with --set resume=auto (or resume={path})", file=sys.stderr)
 
     def evaluate(self):
-        """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame."""
-        df = evaluate_dataset(self.encoder, self.eval_set, dims=self.config.encoder.mrl_dims,
-                              show_progress=None if self.dist.is_main else False)
+        """Retrieval metrics on the eval split per dim; logged and returned as a DataFrame.
+
+        Under torchrun every rank must call it: each embeds its 1/W share of the eval set
+        (`encode_sharded`), rank 0 computes the metrics and returns them, the others None."""
+        main = self.dist.is_main
+        encode = functools.partial(encode_sharded, self.encoder) if self.dist.enabled else None
+        texts, images, caption_image = evaluation_embeddings(
+            self.encoder, self.eval_set, show_progress=None if main else False, encode=encode)
+        if not main:
+            return None
+        df = evaluate_image_caption(texts, images, caption_image,
+                                    dims=self.config.encoder.mrl_dims)
         for dim, row in df.iterrows():
             self.log({"split": self.config.eval_split, "dim": int(dim),
                       **{k: round(float(v), 6) for k, v in row.items()}})

@@ -44,9 +44,10 @@ def raw_inputs() -> tuple[list[str], list[Image.Image], list[list[Image.Image]]]
     return TEXTS, images, extras
 
 
-def make_encoder() -> MultimodalEncoder:
+def make_encoder(**overrides) -> MultimodalEncoder:
     torch.manual_seed(0)
-    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=64, mrl_dims=(8, 16, None)))
+    enc = MultimodalEncoder(EncoderConfig(device="cpu", embed_dim=64, mrl_dims=(8, 16, None),
+                                          **overrides))
     return enc.train()
 
 
@@ -73,6 +74,16 @@ def lora_trainer_config(output_dir: Path | str, **overrides):
     return cfg
 
 
+def counting_comms(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` and the collectives it ran: {op name: count}, e.g.
+    {"c10d._reduce_scatter_base_": 6} (torch's CommDebugMode sees c10d and functional ops)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        result = fn(*args, **kwargs)
+    return result, {str(op): n for op, n in comm.get_comm_counts().items()}
+
+
 # ----------------------------------------------------------------------------- the checks
 def check_toy_gather(out: Path, rank: int) -> None:
     """Unequal sizes (2 and 3 rows); a rank-dependent loss whose gradient is known by hand."""
@@ -80,9 +91,9 @@ def check_toy_gather(out: Path, rank: int) -> None:
 
     n = 2 + rank
     x = (torch.arange(n * 3, dtype=torch.float64).reshape(n, 3) + 100 * rank).requires_grad_()
-    y = all_gather_with_grad(x)
+    y, forward = counting_comms(all_gather_with_grad, x)
     c = torch.arange(15, dtype=torch.float64).reshape(5, 3)
-    ((rank + 1) * c * y).sum().backward()
+    _, backward = counting_comms(((rank + 1) * c * y).sum().backward)
     # gather_for_loss layout: row values encode (rank, kind, index); kind 0 query, 1 positive,
     # 2 extra. Rank r: B_r = 1 + r queries, X_r = 2 - r extra negatives (rank 1 passes them
     # through `extra`, rank 0 as target rows beyond B_r).
@@ -98,8 +109,8 @@ def check_toy_gather(out: Path, rank: int) -> None:
     ids = gather_loss_ids(torch.tensor([10 * rank + i for i in range(b)]),
                           torch.tensor([100 * rank + k for k in range(xn)], dtype=torch.long),
                           torch.zeros(xn, dtype=torch.long))
-    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt, "ids": ids},
-               out / f"toy_rank{rank}.pt")
+    torch.save({"y": y.detach(), "grad": x.grad, "q": gq, "t": gt, "ids": ids,
+                "comms": {"forward": forward, "backward": backward}}, out / f"toy_rank{rank}.pt")
 
 
 def check_encoder_step(out: Path, rank: int) -> None:
@@ -133,10 +144,11 @@ def check_encoder_step(out: Path, rank: int) -> None:
 
 def check_trainer(out: Path, rank: int, reference_checkpoint: str) -> None:
     """2 steps from scratch, and step 2 resumed from a single-process checkpoint of step 1
-    (with GradCache micro-batches of 3 of each rank's 4 rows, which must not change a thing)."""
+    (with GradCache micro-batches of 3 of each rank's 4 rows, which must not change a thing,
+    and a final evaluation, sharded over the ranks)."""
     from mmlib.train import Trainer
 
-    resumed = {"resume": reference_checkpoint, "micro_batch_size": 3}
+    resumed = {"resume": reference_checkpoint, "micro_batch_size": 3, "eval_split": "validation"}
     for name, extra in (("scratch", {}), ("resumed", resumed)):
         trainer = Trainer(trainer_config(out / name, **extra))
         if name == "resumed":  # rank 0 restores the checkpoint's RNG state, rank 1 has none
@@ -200,9 +212,105 @@ def check_fsdp(out: Path, rank: int, reference_checkpoint: str) -> None:
             held = sum(p.to_local().numel() for p in enc.parameters())
             total = sum(p.numel() for p in enc.parameters())
             texts = TEXTS + [t + " and a grey triangle" for t in TEXTS]
+            rows = []  # the rows of each forward of an evaluation
+            hook = enc.register_forward_pre_hook(
+                lambda m, args, kwargs, rows=rows: rows.append(kwargs["input_ids"].shape[0]),
+                with_kwargs=True)
+            df = trainer.evaluate()
+            hook.remove()
+            if df is not None:
+                df.to_csv(out / f"fsdp_eval_rank{rank}.csv")
             torch.save({"held": held, "total": total, "texts": texts,
-                        "embeddings": enc.encode_texts(texts, batch_size=4)},
-                       out / f"fsdp_rank{rank}.pt")
+                        "embeddings": enc.encode_texts(texts, batch_size=4),
+                        "eval_rows": rows}, out / f"fsdp_rank{rank}.pt")
+
+
+def check_fsdp_bf16(out: Path, rank: int) -> None:
+    """bf16 mixed precision under FSDP: the parameter dtypes each unit computes with (seen
+    inside its forward), those of the shards and their gradients, and one step's loss and
+    gradients (queries: this rank's 4 captions, targets: their images)."""
+    from torch.distributed.tensor import DTensor
+
+    from mmlib.distributed import gather_for_loss
+    from mmlib.fsdp import full_tensor, shard_encoder
+
+    enc = shard_encoder(make_encoder(mixed_precision="bf16"))
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = sorted({str(p.dtype) for p in module.parameters()})
+        return hook
+
+    qwen = enc.qwen
+    parts = {"decoder layer": qwen.language_model.layers[0], "vision block": qwen.visual.blocks[0],
+             "token embedding (root)": qwen.get_input_embeddings(), "projection": enc.projection}
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in parts.items()]
+    texts, images, _ = raw_inputs()
+    rows = slice(4 * rank, 4 * rank + 4)
+    q, t = enc(**enc.tokenize(texts[rows])), enc(**enc.tokenize(images=images[rows]))
+    loss = LOSS(*gather_for_loss(q, t))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    params = list(enc.parameters())
+    torch.save({"inside_forward": seen, "embeddings": str(q.dtype),
+                "shards": sorted({str(p.dtype) for p in params}),
+                "all_sharded": all(isinstance(p, DTensor) for p in params),
+                "grads": {n: full_tensor(p.grad) for n, p in enc.named_parameters()
+                          if p.grad is not None},
+                "loss": loss.detach()}, out / f"fsdp_bf16_rank{rank}.pt")
+
+
+def accum_trainer_config(output_dir: Path | str, **overrides):
+    """One optimizer step of 2 accumulated batches (no checkpoint, no evaluation)."""
+    cfg = trainer_config(output_dir, max_steps=1, save_every=0, **overrides)
+    cfg.encoder = cfg.encoder.replace(grad_accum_steps=2)
+    return cfg
+
+
+def trainer_step(config) -> dict:
+    """One optimizer step of a Trainer: its stats and (clipped, whole) gradients."""
+    from mmlib.fsdp import full_tensor
+    from mmlib.train import Trainer
+
+    trainer = Trainer(config)
+    stats = trainer.train_step(trainer._next_batches())
+    trainer.close()
+    return {"stats": stats, "grads": {n: full_tensor(p.grad).clone() for n, p in
+                                      trainer.encoder.named_parameters() if p.grad is not None}}
+
+
+def check_fsdp_multilevel(out: Path, rank: int) -> None:
+    """loss=multilevel (embeddings of several decoder layers, `forward_layers`) under FSDP."""
+    config = trainer_config(out / "multilevel", fsdp=True, loss="multilevel", max_steps=1,
+                            save_every=0)
+    torch.save(trainer_step(config), out / f"fsdp_multilevel_rank{rank}.pt")
+
+
+def check_fsdp_grad_sync(out: Path, rank: int) -> None:
+    """FSDP reduce-scatters counted over one step of 2 accumulated batches, plain and with
+    GradCache (several backward passes per batch), and the step's (clipped) gradients."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mmlib.fsdp import full_tensor
+    from mmlib.train import Trainer
+
+    result = {}
+    every = {"micro_batch_size": 2, "fsdp_sync_every_backward": True}  # the old way
+    for name, extra in (("plain", {}), ("gradcache", {"micro_batch_size": 2}),
+                        ("gradcache_every", every)):
+        trainer = Trainer(accum_trainer_config(out / f"sync_{name}", fsdp=True, **extra))
+        enc = trainer.encoder
+        stats, comms = counting_comms(trainer.train_step, trainer._next_batches())
+        trainer.close()
+        result[name] = {
+            "reduce_scatters": comms.get("c10d._reduce_scatter_base_", 0),
+            "units": sum(isinstance(m, FSDPModule) for m in enc.modules()),
+            "stats": stats,
+            "grads": {n: full_tensor(p.grad).clone() for n, p in enc.named_parameters()
+                      if p.grad is not None}}
+    torch.save(result, out / f"fsdp_grad_sync_rank{rank}.pt")
 
 
 def _status_kb(field: str) -> int:
@@ -254,7 +362,10 @@ def main() -> None:
                          ("encoder", lambda: check_encoder_step(out, info.rank)),
                          ("trainer", lambda: check_trainer(out, info.rank, reference_checkpoint)),
                          ("fsdp", lambda: check_fsdp(out, info.rank, reference_checkpoint)),
-                         ("memory", lambda: check_checkpoint_memory(out, info.rank))):
+                         ("memory", lambda: check_checkpoint_memory(out, info.rank)),
+                         ("fsdp_grad_sync", lambda: check_fsdp_grad_sync(out, info.rank)),
+                         ("fsdp_bf16", lambda: check_fsdp_bf16(out, info.rank)),
+                         ("fsdp_multilevel", lambda: check_fsdp_multilevel(out, info.rank))):
             start = time.perf_counter()
             fn()
             print(f"rank {info.rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)

@@ -147,3 +147,24 @@ def test_hub_id_in_the_local_cache_loads_offline(tiny_path, tmp_path, monkeypatc
                                atol=0, rtol=0)
     with pytest.raises(OSError, match="someone/other.*HF_HUB_OFFLINE"):
         MultimodalEncoder(EncoderConfig(model_path="someone/other", **kw))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_half_precision_weights_follow_the_autocast_dtype(monkeypatch, bf16):
+    """LoRA / frozen backbones get half-precision weights on CUDA: the autocast dtype the GPU
+    supports (fp16 on a V100 / T4, never bf16 under fp16 autocast). No GPU needed: the
+    device is only named and the bf16 query is patched."""
+    from mmlib.backbone import resolve_amp_dtype, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cuda, half = torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16
+    for kw in (dict(use_lora=True), dict(freeze_backbone="all")):
+        cfg = EncoderConfig(**kw)
+        assert resolve_amp_dtype(cfg, cuda) == resolve_dtype(cfg, cuda) == half, kw
+        assert resolve_dtype(cfg, torch.device("cpu")) == torch.float32
+        off = cfg.replace(mixed_precision="no")  # no autocast: fp32 weights
+        assert resolve_amp_dtype(off, cuda) is None and resolve_dtype(off, cuda) == torch.float32
+        assert resolve_dtype(cfg.replace(mixed_precision="fp16"), cuda) == torch.float16
+    full = EncoderConfig()  # the backbone trains: fp32 master weights, autocast computes
+    assert resolve_dtype(full, cuda) == torch.float32 and resolve_amp_dtype(full, cuda) == half
+    assert resolve_dtype(EncoderConfig(use_lora=True, dtype="float32"), cuda) == torch.float32
