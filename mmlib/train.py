@@ -359,6 +359,13 @@ class Trainer:
                 raise ValueError("fsdp=true does not support fp16 mixed precision (its loss "
                                  "scaler cannot see sharded gradients): use bf16 or fp32")
             shard_encoder(self.encoder)  # before the optimizer: parameters become shards
+            if not config.fsdp_sync_every_backward and self.dist.is_main:
+                # The price of one reduce-scatter per step (mmlib.fsdp.set_gradient_sync).
+                whole = 4 * sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
+                logger.info("fsdp: gradients are reduce-scattered once per step; between the "
+                            "step's backward passes every rank holds the whole fp32 gradient "
+                            "(%.2f GB here): set fsdp_sync_every_backward=true if that does not "
+                            "fit", whole / 1e9)
         self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
                                           direction=config.direction, skip_bad=config.skip_bad,
                                           with_hard_negatives=(config.hard_negatives or
