@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["full_state_dict", "full_tensor", "is_sharded", "load_full_tensor", "set_gradient_sync",
+__all__ = ["full_state_dict", "full_tensor", "is_sharded", "set_gradient_sync",
            "shard_encoder"]
 
 
@@ -107,17 +107,6 @@ def full_tensor(t: Any) -> Any:
     if isinstance(t, _dtensor_type()):
         return t.full_tensor()
     return t
-
-
-def load_full_tensor(like: Tensor, full: Tensor) -> Tensor:
-    """`full` laid out like `like`: sharded the same way when `like` is a DTensor (every rank
-    passes the same `full`), else `full` itself; on `like`'s device, in `full`'s dtype."""
-    full = full.to(device=like.device)
-    if isinstance(like, _dtensor_type()):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full, like.device_mesh, like.placements)
-    return full
 
 
 def full_state_dict(module: nn.Module, main: bool = True,
