@@ -122,12 +122,14 @@ def main(argv: list[str] | None = None) -> None:
             print(table.to_string(), flush=True)
     print("\nwhat the image embedding encodes (test images; attribute columns: nearest-centroid "
           "accuracy)")
-    print(pd.DataFrame(encodes).T.round(2).to_string())
+    encoded = pd.DataFrame(encodes).T.rename_axis(["sampler", "model"])
+    print(encoded.round(2).to_string())
     results = pd.DataFrame(rows)
     out = Path(args.out) / "results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     results.to_csv(out, index=False)
-    print(f"wrote {out}")
+    encoded.to_csv(out.with_name("encodes.csv"))
+    print(f"wrote {out} and {out.with_name('encodes.csv')}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def rows(preset: str, lora: bool, ranks: int) -> list[tuple[str, str, float]]:
                 (2 * (c["root"] + 2 * unit) + grad) / GB))
     total = sum(gb for _, _, gb in out[1:])
     out.append(("total before activations", "", total))
+    out.append(("+ whole gradients between passes", f"4 B x {trainable / 1e9:.3f} B (one "
+                "reduce-scatter per step; not with fsdp_sync_every_backward)", 4 * trainable / GB))
     out.append(("checkpoint before: rank 0 host", f"12 B x {trainable / 1e9:.3f} B (gathered)",
                 12 * trainable / GB))
     out.append(("checkpoint now: every rank host", f"12 B x {trainable / 1e9:.3f} B / {ranks}",

@@ -266,9 +266,14 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             except Exception as e:  # noqa: BLE001 (raised on every rank by _agree)
                 error = e
         _agree(error, device, collective)
-        try:  # 2. every rank: its shards (dcp.save passes a rank's failure to all) and RNG
+        try:  # 2a. every rank: its state (a failure here must not leave the others in dcp.save)
+            training = _training_state(model, optimizer)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        _agree(error, device, collective)
+        try:  # 2b. every rank: its shards (dcp.save passes a rank's failure to all) and RNG
             with _quiet():
-                dcp.save(_training_state(model, optimizer), no_dist=not collective,
+                dcp.save(training, no_dist=not collective,
                          storage_writer=dcp.FileSystemWriter(tmp / SHARDED_DIR))
             write_rng(tmp, rank, rng)
         except Exception as e:  # noqa: BLE001
@@ -280,6 +285,9 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 world = dist.get_world_size() if collective else 1
                 state = {**state, "rng_files": [rng_file(r) for r in range(world)]}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                # Every rank's files must be here: an output_dir that is not shared between
+                # nodes would otherwise publish a checkpoint missing the other nodes' shards.
+                verify(tmp)
                 publish_dir(tmp, path)
             except Exception as e:  # noqa: BLE001
                 error = e

@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["full_state_dict", "full_tensor", "is_sharded", "set_gradient_sync",
+__all__ = ["check_deferred_gradients_fit", "full_state_dict", "full_tensor", "is_sharded", "set_gradient_sync",
            "shard_encoder"]
 
 
@@ -93,6 +94,21 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
 
     if isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(enabled)
+
+
+def check_deferred_gradients_fit(whole_bytes: int, device: torch.device) -> None:
+    """Refuse one-reduce-scatter-per-step on a GPU where the whole fp32 gradient it holds
+    between backward passes (`whole_bytes`) would take more than half the GPU's memory."""
+    if device.type != "cuda":
+        return  # CPU training: host memory, no fixed budget to compare with
+    total = torch.cuda.get_device_properties(device).total_memory
+    if whole_bytes > total / 2:
+        raise ValueError(
+            f"fsdp: one reduce-scatter per step keeps the whole fp32 gradient of the trainable "
+            f"parameters on every rank between backward passes ({whole_bytes / 1e9:.1f} GB), more "
+            f"than half of this GPU's {total / 1e9:.0f} GB: set fsdp_sync_every_backward=true "
+            "(a reduce-scatter per backward pass, sharded gradients) or train fewer parameters "
+            "(LoRA)")
 
 
 def is_sharded(module: nn.Module) -> bool:

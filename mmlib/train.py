@@ -79,6 +79,7 @@ from mmlib.distributed import (
 from mmlib.encoder import MultimodalEncoder
 from mmlib.evaluation import evaluate_image_caption, evaluation_embeddings
 from mmlib.fsdp import (
+    check_deferred_gradients_fit,
     full_state_dict,
     full_tensor,
     set_gradient_sync,
@@ -359,13 +360,15 @@ class Trainer:
                 raise ValueError("fsdp=true does not support fp16 mixed precision (its loss "
                                  "scaler cannot see sharded gradients): use bf16 or fp32")
             shard_encoder(self.encoder)  # before the optimizer: parameters become shards
-            if not config.fsdp_sync_every_backward and self.dist.is_main:
+            if not config.fsdp_sync_every_backward:
                 # The price of one reduce-scatter per step (mmlib.fsdp.set_gradient_sync).
                 whole = 4 * sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
-                logger.info("fsdp: gradients are reduce-scattered once per step; between the "
-                            "step's backward passes every rank holds the whole fp32 gradient "
-                            "(%.2f GB here): set fsdp_sync_every_backward=true if that does not "
-                            "fit", whole / 1e9)
+                check_deferred_gradients_fit(whole, self.encoder.device)
+                if self.dist.is_main:
+                    logger.info("fsdp: gradients are reduce-scattered once per step; between the "
+                                "step's backward passes every rank holds the whole fp32 "
+                                "gradient (%.2f GB here): set fsdp_sync_every_backward=true if "
+                                "that does not fit", whole / 1e9)
         self.train_set = ImageTextDataset(config.manifest, split=config.train_split,
                                           direction=config.direction, skip_bad=config.skip_bad,
                                           with_hard_negatives=(config.hard_negatives or

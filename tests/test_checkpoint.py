@@ -266,3 +266,17 @@ def test_a_checkpoint_of_other_shapes_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"lacks trainable parameters \['loss\.bias', "
                                          r"'loss\.weight'\].*freezing / LoRA"):
         load(tmp_path / "c1", more, more_optimizer)
+
+
+def test_a_checkpoint_missing_a_ranks_files_is_not_published(tmp_path, monkeypatch):
+    """Rank 0 verifies the temporary folder before renaming it: a rank whose files went
+    elsewhere (an output_dir that is not shared between nodes) makes the save fail by name
+    instead of publishing a checkpoint that cannot resume."""
+    import mmlib.checkpoint as checkpoint
+
+    model, optimizer = toy()
+    toy_step(model, optimizer)
+    monkeypatch.setattr(checkpoint, "write_rng", lambda *a, **k: None)  # the file lands elsewhere
+    with pytest.raises(CheckpointError, match=r"rng-rank0\.safetensors is missing"):
+        toy_save(tmp_path / "c1", model, optimizer)
+    assert not (tmp_path / "c1").exists() and not list(tmp_path.glob(".tmp-*"))
