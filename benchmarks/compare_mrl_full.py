@@ -1,7 +1,7 @@
 """MRL vs the full-width-only baseline, before and after the batch-sampler change.
 
     python benchmarks/compare_mrl_full.py                 # 4 runs x 300 steps, ~6 min on 2 CPU cores
-    python benchmarks/compare_mrl_full.py --steps 100 --samplers no_duplicates
+    python benchmarks/compare_mrl_full.py --steps 300 1200 2000 --samplers no_duplicates  # ~25 min
 
 Trains `configs/tiny_mrl.yaml` and `configs/tiny_full.yaml` (they differ only in `loss`) once per
 batch sampler (`length_grouped`, the old default, and `no_duplicates`, the new one) on the
@@ -21,6 +21,7 @@ loses little when truncated to 8 numbers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -43,16 +44,16 @@ METRICS = ("q2t_top1", "q2t_top5", "t2q_top1", "t2q_top5")
 LOSSES = {"MRL": "configs/tiny_mrl.yaml", "full-width only": "configs/tiny_full.yaml"}
 
 
-def run(config: str, sampler: str, out: Path, steps: int | None) -> tuple[MultimodalEncoder, float]:
-    """Train one config with one sampler into `out`, or load the run there if it was trained
-    from the same settings (0 s)."""
+def run(config: str, sampler: str, out: Path, steps: int | None) -> tuple[MultimodalEncoder, float | None]:
+    """Train one config with one sampler into `out` (and the seconds it took), or load the run
+    there if it was trained from the same settings (None)."""
     overrides = [f"batch_sampler={sampler}", f"output_dir={out}", "overwrite=true",
                  "progress=false", "eval_every=0", "eval_split=null"]
     if steps:
         overrides.append(f"max_steps={steps}")
     cfg = TrainConfig.load(ROOT / config, overrides)
     if finished(out, cfg):
-        return MultimodalEncoder.from_pretrained(out / "final"), 0.0
+        return MultimodalEncoder.from_pretrained(out / "final"), None
     trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.train()
@@ -95,7 +96,8 @@ def cell(df: pd.DataFrame, dim: int, metric: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Train the four runs, evaluate with CIs, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="override max_steps (default: config)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[None],
+                        help="max_steps of the runs, one set of runs each (default: the configs')"),
     parser.add_argument("--samplers", nargs="+", default=["length_grouped", "no_duplicates"])
     parser.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = parser.parse_args(argv)
@@ -106,23 +108,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"test split: {len(test)} captions of {len(set(test.image_ids))} images; dims {dims}")
 
     rows, encodes = [], {}
-    for sampler in args.samplers:
-        for name, config in LOSSES.items():
-            folder = Path(args.out) / f"{sampler}-{Path(config).stem}{f'-{args.steps}' if args.steps else ''}"
-            encoder, seconds = run(config, sampler, folder, args.steps)
-            df = evaluate_dataset(encoder.eval(), test, dims=dims, ci=0.95, show_progress=False)
-            print(f"{sampler:>15} {name:>16}: {seconds:.0f} s, full-width q2t_top1 "
-                  f"{df.loc[dims[-1], 'q2t_top1']:.3f}", flush=True)
-            encodes[(sampler, name)] = what_it_encodes(encoder, cfg.manifest)
-            for dim in dims:
-                rows.append({"sampler": sampler, "model": name, "dim": dim, "train_s": round(seconds, 1),
-                             **{c: df.loc[dim, c] for c in df.columns if c.startswith(METRICS)}})
-            table = pd.DataFrame({f"{name}, {m}": [cell(df, d, m) for d in dims] for m in METRICS},
-                                 index=pd.Index(dims, name="dim"))
-            print(table.to_string(), flush=True)
+    for steps, sampler, (name, config) in itertools.product(args.steps, args.samplers, LOSSES.items()):
+        steps = steps or cfg.max_steps
+        suffix = "" if steps == cfg.max_steps else f"-{steps}"
+        folder = Path(args.out) / f"{sampler}-{Path(config).stem}{suffix}"
+        encoder, seconds = run(config, sampler, folder, steps)
+        df = evaluate_dataset(encoder.eval(), test, dims=dims, ci=0.95, show_progress=False)
+        took = "loaded" if seconds is None else f"trained in {seconds:.0f} s"
+        print(f"{steps:>5} steps {sampler:>15} {name:>16}: {took}, full-width q2t_top1 "
+              f"{df.loc[dims[-1], 'q2t_top1']:.3f}", flush=True)
+        encodes[(steps, sampler, name)] = what_it_encodes(encoder, cfg.manifest)
+        for dim in dims:
+            rows.append({"steps": steps, "sampler": sampler, "model": name, "dim": dim,
+                         "train_s": None if seconds is None else round(seconds, 1),
+                         **{c: df.loc[dim, c] for c in df.columns if c.startswith(METRICS)}})
+        table = pd.DataFrame({f"{name}, {m}": [cell(df, d, m) for d in dims] for m in METRICS},
+                             index=pd.Index(dims, name="dim"))
+        print(table.to_string(), flush=True)
     print("\nwhat the image embedding encodes (test images; attribute columns: nearest-centroid "
           "accuracy)")
-    encoded = pd.DataFrame(encodes).T.rename_axis(["sampler", "model"])
+    encoded = pd.DataFrame(encodes).T.rename_axis(["steps", "sampler", "model"])
     print(encoded.round(2).to_string())
     results = pd.DataFrame(rows)
     out = Path(args.out) / "results.csv"
