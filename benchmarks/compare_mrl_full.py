@@ -8,7 +8,8 @@ batch sampler (`length_grouped`, the old default, and `no_duplicates`, the new o
 multi-caption synthetic set (`manifest: synthetic:1920`: 1920 images, 1203 held-out test captions of 303
 images), then evaluates each final model on the test split with the image-caption protocol
 (unique images; image->text hit if any caption is in the top k) and 95 % percentile-bootstrap
-intervals over queries. Prints a Markdown table and writes runs/compare/results.csv.
+intervals over queries. Prints a Markdown table and writes runs/compare/results.csv (adding to
+the rows of earlier invocations' other runs).
 
 It also prints what each model's image embedding encodes, the reason truncation does or does
 not hurt: the participation ratio (effective number of dimensions, (sum s^2)^2 / sum s^4 over
@@ -129,12 +130,16 @@ def main(argv: list[str] | None = None) -> None:
           "accuracy)")
     encoded = pd.DataFrame(encodes).T.rename_axis(["steps", "sampler", "model"])
     print(encoded.round(2).to_string())
-    results = pd.DataFrame(rows)
     out = Path(args.out) / "results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out, index=False)
-    encoded.to_csv(out.with_name("encodes.csv"))
-    print(f"wrote {out} and {out.with_name('encodes.csv')}")
+    keys = ["steps", "sampler", "model"]
+    for path, new in ((out, pd.DataFrame(rows)), (out.with_name("encodes.csv"), encoded.reset_index())):
+        if path.is_file():  # keep the rows of earlier invocations' other runs
+            old = pd.read_csv(path)
+            done = set(map(tuple, new[keys].astype(str).values))
+            new = pd.concat([old[[tuple(k) not in done for k in old[keys].astype(str).values]], new])
+        new.sort_values(keys, kind="stable").to_csv(path, index=False)
+    print(f"wrote {out} and {out.with_name('encodes.csv')} (with earlier runs' rows)")
 
 
 if __name__ == "__main__":
