@@ -8,14 +8,15 @@ batch sampler (`length_grouped`, the old default, and `no_duplicates`, the new o
 multi-caption synthetic set (`manifest: synthetic:1920`: 1920 images, 1203 held-out test captions of 303
 images), then evaluates each final model on the test split with the image-caption protocol
 (unique images; image->text hit if any caption is in the top k) and 95 % percentile-bootstrap
-intervals over queries. Prints a Markdown table and writes runs/compare/results.csv (adding to
-the rows of earlier invocations' other runs).
+intervals over queries. Prints a Markdown table and writes compare_mrl_full.csv (and
+compare_mrl_full_encodes.csv) to runs/compare, or to `--results benchmarks/results` for the
+committed copies, keeping the rows of earlier invocations' other runs.
 
 It also prints what each model's image embedding encodes, the reason truncation does or does
 not hurt: the participation ratio (effective number of dimensions, (sum s^2)^2 / sum s^4 over
 the squared singular values s^2 of the centred test-image embeddings) and, per attribute, how
 often a test image's attribute is its nearest class centroid of the train images (cosine, all
-E numbers; chance = 1 / number of values). A model that encodes only a handful of directions
+E numbers; chance = 1 / number of values: shape and colour 0.125, size 0.5, position 0.2). A model that encodes only a handful of directions
 loses little when truncated to 8 numbers.
 """
 
@@ -25,7 +26,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +45,24 @@ METRICS = ("q2t_top1", "q2t_top5", "t2q_top1", "t2q_top5")
 LOSSES = {"MRL": "configs/tiny_mrl.yaml", "full-width only": "configs/tiny_full.yaml"}
 
 
-def run(config: str, sampler: str, out: Path, steps: int | None) -> tuple[MultimodalEncoder, float | None]:
-    """Train one config with one sampler into `out` (and the seconds it took), or load the run
-    there if it was trained from the same settings (None)."""
+def run(config: str, sampler: str, out: Path, steps: int) -> tuple[MultimodalEncoder, bool]:
+    """Train one config with one sampler for `steps` into `out`, or load the run there if it
+    was trained from the same settings (then True)."""
     overrides = [f"batch_sampler={sampler}", f"output_dir={out}", "overwrite=true",
-                 "progress=false", "eval_every=0", "eval_split=null"]
-    if steps:
-        overrides.append(f"max_steps={steps}")
+                 "progress=false", "eval_every=0", "eval_split=null", f"max_steps={steps}"]
     cfg = TrainConfig.load(ROOT / config, overrides)
     if finished(out, cfg):
-        return MultimodalEncoder.from_pretrained(out / "final"), None
+        return MultimodalEncoder.from_pretrained(out / "final"), True
     trainer = Trainer(cfg)
-    start = time.perf_counter()
     trainer.train()
     trainer.close()
-    return trainer.encoder, time.perf_counter() - start
+    return trainer.encoder, False
+
+
+def training_seconds(folder: Path) -> float | None:
+    """The run's training time as its metrics.jsonl logged it (`elapsed_s` of the last step)."""
+    log = pd.read_json(folder / "metrics.jsonl", lines=True)
+    return float(log["elapsed_s"].dropna().iloc[-1]) if "elapsed_s" in log else None
 
 
 def what_it_encodes(encoder: MultimodalEncoder, manifest: str, n_train: int = 600) -> dict[str, float]:
@@ -84,7 +87,7 @@ def what_it_encodes(encoder: MultimodalEncoder, manifest: str, n_train: int = 60
         centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
         guess = (emb["test"] @ centroids.T).argmax(1)
         truth = np.array([values.index(r["attributes"][attr]) for r in test])
-        out[f"{attr} (chance {1 / len(values):.2f})"] = float((guess == truth).mean())
+        out[f"probe_{attr}"] = float((guess == truth).mean())
     return out
 
 
@@ -98,9 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     """Train the four runs, evaluate with CIs, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[None],
-                        help="max_steps of the runs, one set of runs each (default: the configs')"),
+                        help="max_steps of the runs, one set of runs each (default: the configs')")
     parser.add_argument("--samplers", nargs="+", default=["length_grouped", "no_duplicates"])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "compare"), help="the runs' folders")
+    parser.add_argument("--results", default=None,
+                        help="where compare_mrl_full.csv and compare_mrl_full_encodes.csv go (default: "
+                             "--out; the committed copies: benchmarks/results)")
     args = parser.parse_args(argv)
 
     cfg = TrainConfig.load(ROOT / LOSSES["MRL"])
@@ -113,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         steps = steps or cfg.max_steps
         suffix = "" if steps == cfg.max_steps else f"-{steps}"
         folder = Path(args.out) / f"{sampler}-{Path(config).stem}{suffix}"
-        encoder, seconds = run(config, sampler, folder, steps)
+        encoder, loaded = run(config, sampler, folder, steps)
+        seconds = training_seconds(folder)
         df = evaluate_dataset(encoder.eval(), test, dims=dims, ci=0.95, show_progress=False)
-        took = "loaded" if seconds is None else f"trained in {seconds:.0f} s"
+        took = f"{'loaded, ' if loaded else ''}trained in {seconds:.0f} s"
         print(f"{steps:>5} steps {sampler:>15} {name:>16}: {took}, full-width q2t_top1 "
               f"{df.loc[dims[-1], 'q2t_top1']:.3f}", flush=True)
         encodes[(steps, sampler, name)] = what_it_encodes(encoder, cfg.manifest)
@@ -130,16 +137,19 @@ def main(argv: list[str] | None = None) -> None:
           "accuracy)")
     encoded = pd.DataFrame(encodes).T.rename_axis(["steps", "sampler", "model"])
     print(encoded.round(2).to_string())
-    out = Path(args.out) / "results.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results or args.out)
+    results.mkdir(parents=True, exist_ok=True)
     keys = ["steps", "sampler", "model"]
-    for path, new in ((out, pd.DataFrame(rows)), (out.with_name("encodes.csv"), encoded.reset_index())):
-        if path.is_file():  # keep the rows of earlier invocations' other runs
-            old = pd.read_csv(path)
+    for path, new in ((results / "compare_mrl_full.csv", pd.DataFrame(rows)),
+                      (results / "compare_mrl_full_encodes.csv", encoded.reset_index())):
+        old = pd.read_csv(path) if path.is_file() else None
+        if old is not None and set(keys) <= set(old.columns):  # keep other runs' earlier rows
             done = set(map(tuple, new[keys].astype(str).values))
             new = pd.concat([old[[tuple(k) not in done for k in old[keys].astype(str).values]], new])
+        elif old is not None:
+            print(f"{path} has no {keys} columns (an older layout): replaced")
         new.sort_values(keys, kind="stable").to_csv(path, index=False)
-    print(f"wrote {out} and {out.with_name('encodes.csv')} (with earlier runs' rows)")
+        print(f"wrote {path} (with earlier invocations' other runs)")
 
 
 if __name__ == "__main__":
