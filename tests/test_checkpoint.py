@@ -53,9 +53,18 @@ class FakeGpus:
     def set_rng_state(self, state: torch.Tensor, device: torch.device) -> None:
         self.states[self._index(device)] = state.clone()
 
+    def manual_seed_all(self, seed: int) -> None:  # what torch.manual_seed calls for the GPUs
+        for i in self.states:
+            self.states[i] = self.seeded(seed)
+
+    @staticmethod
+    def seeded(seed: int) -> torch.Tensor:
+        return torch.full((8,), seed % 251, dtype=torch.uint8)
+
     def install(self, monkeypatch) -> FakeGpus:
         monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
         monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda, "manual_seed_all", self.manual_seed_all)
         return self
 
 
@@ -85,7 +94,7 @@ def test_rng_state_per_rank_resumes_on_fewer_or_more_ranks_and_gpus(tmp_path, mo
         assert torch.equal(small.states[r], saved[r]["cuda.0"])  # rank r's, from node's cuda:r
     assert "seeded" not in caplog.text
 
-    FakeGpus(8).install(monkeypatch)  # resume: 6 ranks
+    eight = FakeGpus(8).install(monkeypatch)  # resume: 6 ranks
     states = []
     for _ in range(2):
         for r in (4, 5):
@@ -93,6 +102,7 @@ def test_rng_state_per_rank_resumes_on_fewer_or_more_ranks_and_gpus(tmp_path, mo
                 load_rng(tmp_path, r, [cuda(r)], seed=fallback_seed(0, 7, r))
             expected = torch.Generator().manual_seed(fallback_seed(0, 7, r)).get_state()
             assert torch.equal(torch.get_rng_state(), expected)
+            assert torch.equal(eight.states[r], FakeGpus.seeded(fallback_seed(0, 7, r)))  # its GPU too
             states.append(torch.get_rng_state())
     assert torch.equal(states[0], states[2]) and not torch.equal(states[0], states[1])
     assert "rank 5" in caplog.text and "cpu and cuda.0" in caplog.text
@@ -280,3 +290,25 @@ def test_a_checkpoint_missing_a_ranks_files_is_not_published(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=r"rng-rank0\.safetensors is missing"):
         toy_save(tmp_path / "c1", model, optimizer)
     assert not (tmp_path / "c1").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("entry", ["model.encoder.weight", "optim.state.encoder.weight.exp_avg"])
+def test_an_index_that_declares_a_weight_as_bytes_is_refused(tmp_path, monkeypatch, entry):
+    """DCP unpickles entries its index declares as bytes (torch.load without weights_only): an
+    index built from DCP's own classes that turns a weight or moment into bytes is refused by
+    name before DCP reads anything, so the planted pickle next to it never runs."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    model, optimizer = toy()
+    toy_step(model, optimizer)
+    toy_save(tmp_path / "c1", model, optimizer)
+    index = tmp_path / "c1" / SHARDED_DIR / ".metadata"
+    metadata = read_metadata(tmp_path / "c1")
+    assert entry in metadata.state_dict_metadata
+    metadata.state_dict_metadata[entry] = BytesStorageMetadata()
+    index.write_bytes(pickle.dumps(metadata))
+    verify(tmp_path / "c1")  # every class in it is DCP's: the index itself reads
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("DCP unpickled an entry"))
+    other, other_optimizer = toy()
+    with pytest.raises(ValueError, match=r"(non-tensor|does not fit)"):
+        load(tmp_path / "c1", other, other_optimizer)
