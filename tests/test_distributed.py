@@ -433,7 +433,8 @@ def test_fsdp_checkpoint_converts_to_the_live_model(dist_run, tmp_path):
 def test_fsdp_evaluation_is_sharded(dist_run):
     """Under FSDP each rank embeds half the eval set (361 captions and 89 images, each
     share padded to 181 + 45 rows) in the same number of forwards (each a collective); rank
-    0 alone computes the metrics: eval.csv's (equal to one process's, see above)."""
+    0 alone returns metrics, the ones in the run's eval.csv. (That they equal one process's
+    is test_fsdp_outputs_load_in_one_process's check.)"""
     import pandas as pd
 
     rows = [load(dist_run / f"fsdp_rank{r}.pt")["eval_rows"] for r in range(WORLD)]
