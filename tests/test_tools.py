@@ -1,4 +1,5 @@
-"""Tests for mmlib.tools: the demo's ranking helper (the notebook runner is in test_notebooks)."""
+"""Tests for mmlib.tools: the demo's ranking helper and longer-training table (the notebook
+runner is in test_notebooks)."""
 
 import pytest
 import torch
@@ -17,3 +18,23 @@ def test_top_k_ranks_by_cosine_of_the_renormalised_prefix():
     scores, idx = top_k(query, images, dim=4, k=1)
     want = float(query[0] @ images[2] / (query[0].norm() * images[2].norm()))
     assert idx[0].tolist() == [2] and scores[0, 0].item() == pytest.approx(want)
+
+
+def test_the_demo_shows_the_longest_committed_runs_at_the_smallest_dims(capsys):
+    """After its own 300-step table the demo shows the committed benchmark's longest runs (where
+    the truncated full-width model falls behind), read from the CSV, not typed in."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mmlib.tools.demo import show_longer_training
+
+    show_longer_training([8, 16])
+    out = capsys.readouterr().out
+    runs = pd.read_csv(Path(__file__).resolve().parents[1] / "benchmarks/results/compare_mrl_full.csv")
+    runs = runs[runs["sampler"] == "no_duplicates"]
+    longest = runs[runs["steps"] == runs["steps"].max()]
+    assert f"trained {runs['steps'].max()} steps" in out
+    assert len(longest) == 12  # 2 models x 6 dims
+    for _, row in longest[longest["dim"].isin([8, 16])].iterrows():
+        assert f"{100 * row['q2t_top1']:.1f} [{100 * row['q2t_top1_lo']:.1f}, " in out
