@@ -54,6 +54,12 @@ def show_top3(dataset, texts, images, caption_image, first_rows, rows, dims) -> 
             print(f"    dim {dim:>4}: " + "   ".join(hits))
 
 
+def top1_with_ci(df: pd.DataFrame) -> pd.Series:
+    """'18.8 [16.7, 21.0]' per dim: text→image top-1 % with its 95 % interval."""
+    return df.apply(lambda r: f"{100 * r['q2t_top1']:.1f} "
+                              f"[{100 * r['q2t_top1_lo']:.1f}, {100 * r['q2t_top1_hi']:.1f}]", axis=1)
+
+
 def show_longer_training(dims: list[int]) -> None:
     """The committed benchmark's longest runs at the smallest dims: where truncation costs."""
     path = ROOT / "benchmarks" / "results" / "compare_mrl_full.csv"
@@ -61,14 +67,10 @@ def show_longer_training(dims: list[int]) -> None:
         return
     runs = pd.read_csv(path)
     runs = runs[(runs["sampler"] == "no_duplicates") & (runs["steps"] == runs["steps"].max())]
-    cells = {}
-    for model, rows in runs.groupby("model"):
-        rows = rows.set_index("dim")
-        cells[model] = [f"{100 * rows.loc[d, 'q2t_top1']:.1f} [{100 * rows.loc[d, 'q2t_top1_lo']:.1f}, "
-                        f"{100 * rows.loc[d, 'q2t_top1_hi']:.1f}]" for d in dims]
+    cells = {model: top1_with_ci(rows.set_index("dim").loc[dims]) for model, rows in runs.groupby("model")}
     print(f"\nthe same two configs trained {runs['steps'].max()} steps ({path.relative_to(ROOT)}; "
           "README 'Longer training'):")
-    print(pd.DataFrame(cells, index=pd.Index(dims, name="dim")).to_string())
+    print(pd.DataFrame(cells).rename_axis("dim").to_string())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     table = {}
     for name, (t, i, ci, _) in embedded.items():
         df = evaluate_image_caption(t, i, ci, dims=dims, ks=(1,), ci=0.95)
-        table[name] = df.apply(lambda r: f"{100 * r['q2t_top1']:.1f} "
-                                         f"[{100 * r['q2t_top1_lo']:.1f}, {100 * r['q2t_top1_hi']:.1f}]",
-                               axis=1)
+        table[name] = top1_with_ci(df)
     chance = 100 / len(first_rows)
     print(f"\ntext→image top-1 % on the test split, 95 % bootstrap interval (chance {chance:.1f} %):")
     print(pd.DataFrame({"MRL loss over all dims": table["tiny_mrl"],
