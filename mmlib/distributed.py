@@ -258,14 +258,8 @@ def gather_for_loss(query: Tensor, target: Tensor,
 
 def gather_rows(x: Tensor) -> Tensor:
     """Every rank's rows of `x` (no gradient; row counts may differ), concatenated in rank order."""
-    if not is_distributed():
-        return x
-    sizes = gather_sizes(x.shape[0], x.device)
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+    with torch.no_grad():  # the same padded gather, without a graph
+        return all_gather_with_grad(x)
 
 
 def encode_sharded(encoder: Any, texts: Sequence[Any] | None = None,
