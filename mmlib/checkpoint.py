@@ -19,8 +19,9 @@ FSDP. The folder is written under a temporary name and renamed whole (mmlib/run_
 rank 0 creates it, every rank writes into it, rank 0 renames it once all are done.
 
 DCP's `.metadata` is a pickle; it is read here with an unpickler that admits only DCP's own
-metadata classes, so a checkpoint folder cannot run code (the tensors are read with
-`torch.load(weights_only=True)` by DCP itself).
+metadata classes. DCP would unpickle an entry the index declares as bytes; `load` and
+`read_full` ask only for entries declared as tensors (others are refused by name first), so a
+checkpoint folder cannot run code.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mmlib.distributed import is_distributed
 from mmlib.run_dir import CheckpointError, fresh_tmp_dir, fsync_dir, publish_dir
 
 logger = logging.getLogger("mmlib")
@@ -342,7 +344,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         weights, moments = get_model_state_dict(model), {}
     weights = {k: v for k, v in weights.items() if f"{MODEL}.{k}" in saved}
     with _quiet():
-        dcp.load({MODEL: weights, OPTIM: {"state": moments}}, no_dist=not _distributed(),
+        dcp.load({MODEL: weights, OPTIM: {"state": moments}}, no_dist=not is_distributed(),
                  storage_reader=SafeReader(path / SHARDED_DIR))
     options = StateDictOptions(strict=False)  # weights frozen in both runs are not in it
     if has_moments:
@@ -351,10 +353,6 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     else:
         set_model_state_dict(model, weights, options=options)
         optimizer.state.clear()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 # -- one-process files ------------------------------------------------------------------------

@@ -828,9 +828,10 @@ class Trainer:
         """Restore everything `save_checkpoint` wrote, so training continues bit for bit (on
         another world size: up to the float rounding of another summation order)."""
         path = Path(path)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"{path} is not an mmlib checkpoint (no state.json)")
-        state = json.loads((path / "state.json").read_text())
+        state_file = path / checkpoint.STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not an mmlib checkpoint (no {state_file.name})")
+        state = json.loads(state_file.read_text())
         saved = state.get("config", {}).get("encoder", {}).get("model_path")
         checkpoint.load(path, self._checkpointed(), self.optimizer,
                         hint=f"it was written for model_path={saved!r} (this run: "
